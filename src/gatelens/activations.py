@@ -1,0 +1,69 @@
+"""Element-wise activations with their derivatives.
+
+Every cell names its activations by string; this module is the one place that turns a name into a function
+φ(a) and its derivative φ'(a). The derivative is written in terms of the pre-activation ``a`` and the output
+``y = φ(a)`` so that each activation can use whichever is cheaper (σ' = y(1 − y), tanh' = 1 − y²).
+
+Hard sigmoid has two definitions in use, and they give different numbers:
+
+    hard_sigmoid_keras2(a) = clip(0.2·a + 0.5, 0, 1)     Keras 2 / tf.keras, ONNX HardSigmoid defaults
+    hard_sigmoid_keras3(a) = clip(a/6 + 0.5, 0, 1)       Keras 3, torch.nn.functional.hardsigmoid
+
+so a bare ``"hard_sigmoid"`` is refused with a message that names both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An element-wise function φ with its derivative φ'(a), given a and y = φ(a)."""
+
+    name: str
+    function: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor, Tensor], Tensor]
+
+
+def _hard_sigmoid(slope: float) -> Activation:
+    """clip(slope·a + 0.5, 0, 1); derivative slope inside the linear region, 0 outside."""
+    edge = 0.5 / slope
+
+    def function(a: Tensor) -> Tensor:
+        return (slope * a + 0.5).clamp(0.0, 1.0)
+
+    def derivative(a: Tensor, y: Tensor) -> Tensor:
+        return torch.where(a.abs() < edge, slope, 0.0).to(a.dtype)
+
+    name = "hard_sigmoid_keras2" if slope == 0.2 else "hard_sigmoid_keras3"
+    return Activation(name, function, derivative)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": Activation("sigmoid", torch.sigmoid, lambda a, y: y * (1 - y)),
+    "tanh": Activation("tanh", torch.tanh, lambda a, y: 1 - y * y),
+    "relu": Activation("relu", torch.relu, lambda a, y: (a > 0).to(a.dtype)),
+    "hard_sigmoid_keras2": _hard_sigmoid(0.2),
+    "hard_sigmoid_keras3": _hard_sigmoid(1.0 / 6.0),
+}
+
+
+def get_activation(name: str, *, role: str, allowed: tuple[str, ...]) -> Activation:
+    """Look up ``name`` among ``allowed``; ``role`` names the argument in the error message."""
+    if name == "hard_sigmoid":
+        raise ValueError(
+            f"{role}='hard_sigmoid' is ambiguous: Keras 2 uses clip(0.2·a + 0.5, 0, 1) and Keras 3 uses "
+            f"clip(a/6 + 0.5, 0, 1). Pass 'hard_sigmoid_keras2' or 'hard_sigmoid_keras3'."
+        )
+    if name not in allowed:
+        raise ValueError(f"unknown {role} {name!r}; expected one of {', '.join(map(repr, allowed))}")
+    return ACTIVATIONS[name]
+
+
+GATE_ACTIVATIONS = ("sigmoid", "hard_sigmoid_keras2", "hard_sigmoid_keras3")
+CANDIDATE_ACTIVATIONS = ("tanh", "relu")

@@ -1,0 +1,213 @@
+"""The Cell protocol: one recurrent step and its exact derivatives.
+
+Shape glossary, used in every module:
+    T  time steps          B  batch          I  input features
+    H  hidden units        S  state size (H for GRU/Elman; H_out + H for LSTM, whose state is [h, c])
+    ...  extra leading dimensions (several adjoint vectors at once, or many steps at once)
+
+A cell maps (x, s) ↦ s' and records a *cache* of its gates. Every derivative method takes that cache, so the
+gates are computed once in the forward pass and reused. Caches are dataclasses of tensors whose leading
+dimensions are free: a cache recorded for one step has shape (B, ·), and the trace stacks T of them into (T, B, ·).
+All derivative methods broadcast over those leading dimensions, so one call serves every step at once.
+
+The four derivatives, for s' = f(x, s; θ):
+
+    jacobian_paths(cache)  {name: (..., S, S)}    named terms that sum exactly to J = ∂s'/∂s
+    input_jacobian(cache)  (..., S, I)            ∂s'/∂x
+    state_vjp(cache, v)    (..., S)               v · ∂s'/∂s      (v may carry extra leading dims)
+    input_vjp(cache, v)    (..., I)               v · ∂s'/∂x
+    param_vjp(cache, v)    {block: (..., *shape)} v · ∂⁺s'/∂θ, summed over the batch dimension (the cache's last
+                                                  leading dimension); s is held fixed (the immediate derivative)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+CellT = TypeVar("CellT", bound="Cell")
+
+
+class Cell(ABC):
+    """One recurrent step with its cached gates and exact derivatives (see the module docstring)."""
+
+    kind: ClassVar[str]
+    weights: Mapping[str, Tensor]  # blocks by canonical name (W_hz, b_in, …; a stack prefixes l0., l1.)
+    input_size: int
+    state_size: int
+    output_size: int
+
+    @property
+    @abstractmethod
+    def path_names(self) -> tuple[str, ...]:
+        """Names of the terms returned by :meth:`jacobian_paths`, in a fixed order."""
+
+    @abstractmethod
+    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Any]:
+        """x (..., I), state (..., S) ↦ (new state (..., S), cache)."""
+
+    @abstractmethod
+    def jacobian_paths(self, cache: Any) -> dict[str, Tensor]:
+        """Named terms (..., S, S) whose sum is ∂s'/∂s exactly; rows are output units."""
+
+    @abstractmethod
+    def input_jacobian(self, cache: Any) -> Tensor:
+        """∂s'/∂x, shape (..., S, I)."""
+
+    @abstractmethod
+    def state_vjp(self, cache: Any, v: Tensor) -> Tensor:
+        """v · ∂s'/∂s for v of shape (..., S), without forming the Jacobian."""
+
+    @abstractmethod
+    def input_vjp(self, cache: Any, v: Tensor) -> Tensor:
+        """v · ∂s'/∂x for v of shape (..., S)."""
+
+    @abstractmethod
+    def param_vjp(self, cache: Any, v: Tensor) -> dict[str, Tensor]:
+        """v · ∂⁺s'/∂θ for every weight block θ, summed over the batch dimension."""
+
+    @abstractmethod
+    def to(self: CellT, *args: Any, **kwargs: Any) -> CellT:
+        """A copy with every weight converted by ``Tensor.to(*args, **kwargs)``."""
+
+    def jacobian(self, cache: Any) -> Tensor:
+        """J = ∂s'/∂s, shape (..., S, S): the sum of :meth:`jacobian_paths`."""
+        paths = iter(self.jacobian_paths(cache).values())
+        total = next(paths).clone()
+        for term in paths:
+            total += term
+        return total
+
+    def output(self, state: Tensor) -> Tensor:
+        """The part of the state the next layer (and the user) sees: its first ``output_size`` entries."""
+        return state[..., : self.output_size]
+
+    def output_vjp(self, v: Tensor) -> Tensor:
+        """Adjoint on the output (..., output_size) ↦ adjoint on the state (..., S) (zeros elsewhere)."""
+        pad = self.state_size - self.output_size
+        return torch.nn.functional.pad(v, (0, pad)) if pad else v
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.weights.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.weights.values())).device
+
+
+def outer_sum(adjoint: Tensor, inputs: Tensor) -> Tensor:
+    """Σ_b adjoint[..., b, :]ᵀ ⊗ inputs[..., b, :]: the gradient of a weight matrix, shape (..., out, in).
+
+    ``adjoint`` may have more leading dimensions than ``inputs``; they broadcast from the right.
+    """
+    return adjoint.mT @ inputs
+
+
+def affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x Wᵀ + b, with b omitted when the layer has no bias."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def diag_times(scale: Tensor, matrix: Tensor) -> Tensor:
+    """diag(scale) · matrix, batched: scale (..., R), matrix (R, C) or (..., R, C) ↦ (..., R, C)."""
+    return scale.unsqueeze(-1) * matrix
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caches: dataclasses (or tuples of them, for stacks) of tensors with free leading dimensions.
+
+
+def map_cache(function: Callable[[Tensor], Tensor], cache: Any) -> Any:
+    """Apply ``function`` to every tensor of a cache, keeping its structure (None fields stay None)."""
+    if cache is None:
+        return None
+    if isinstance(cache, Tensor):
+        return function(cache)
+    if isinstance(cache, tuple):
+        return tuple(map_cache(function, item) for item in cache)
+    if dataclasses.is_dataclass(cache):
+        return dataclasses.replace(
+            cache, **{f.name: map_cache(function, getattr(cache, f.name)) for f in dataclasses.fields(cache)}
+        )
+    raise TypeError(f"a cache holds tensors, tuples or dataclasses; got {type(cache).__name__}")
+
+
+def stack_caches(caches: list[Any]) -> Any:
+    """Per-step caches, each with leading shape (B,), ↦ one cache with leading shape (T, B)."""
+    first = caches[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
+        return torch.stack(caches)
+    if isinstance(first, tuple):
+        return tuple(stack_caches([c[i] for c in caches]) for i in range(len(first)))
+    return dataclasses.replace(
+        first, **{f.name: stack_caches([getattr(c, f.name) for c in caches]) for f in dataclasses.fields(first)}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight validation, shared by every cell's constructor.
+
+
+def check_weights(
+    kind: str,
+    given: Mapping[str, Tensor],
+    required: Mapping[str, tuple[int, ...]],
+    optional: Mapping[str, tuple[int, ...]],
+) -> dict[str, Tensor]:
+    """Check names, shapes, dtype, device and finiteness of a cell's weight blocks; return them as a dict.
+
+    ``required`` and ``optional`` map each block name to its expected shape.
+    """
+    unknown = sorted(set(given) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(
+            f"{kind}: unknown weight block(s) {unknown}; expected blocks {sorted(required)}"
+            + (f" and optionally {sorted(optional)}" if optional else "")
+        )
+    missing = sorted(set(required) - set(given))
+    if missing:
+        raise ValueError(f"{kind}: missing weight block(s) {missing}; given {sorted(given)}")
+    expected = {**required, **optional}
+    weights: dict[str, Tensor] = {}
+    for name, value in given.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{kind}: weight block {name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{kind}: weight block {name} must be floating point, got {value.dtype}")
+        if tuple(value.shape) != expected[name]:
+            raise ValueError(f"{kind}: weight block {name} has shape {tuple(value.shape)}, expected {expected[name]}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{kind}: weight block {name} contains NaN or Inf")
+        weights[name] = value
+    dtypes = {w.dtype for w in weights.values()}
+    devices = {w.device for w in weights.values()}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(f"{kind}: all weight blocks must share one dtype and device, got {dtypes} and {devices}")
+    return weights
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ValueError naming them."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def uniform_weights(
+    shapes: Mapping[str, tuple[int, ...]], hidden_size: int, seed: int, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """PyTorch's default initialisation: every block drawn from U(−1/√H, 1/√H), in the order of ``shapes``."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = hidden_size**-0.5
+    return {
+        name: (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+        for name, shape in shapes.items()
+    }

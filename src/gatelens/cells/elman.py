@@ -1,0 +1,111 @@
+"""The Elman (vanilla) RNN cell.
+
+    h' = φ(W_ih x + b_ih + W_hh h + b_hh),     φ = tanh or relu
+
+Its Jacobian has a single path,
+
+    recurrent  diag(φ'(a)) W_hh
+
+and its input Jacobian is diag(φ'(a)) W_ih.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gatelens.activations import CANDIDATE_ACTIVATIONS, Activation, get_activation
+from gatelens.cells.base import Cell, affine, check_weights, diag_times, outer_sum, uniform_weights
+
+
+@dataclass(frozen=True)
+class ElmanCache:
+    """x (..., B, I), the previous state h and φ'(a), both (..., B, H)."""
+
+    x: Tensor
+    h: Tensor
+    dphi: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Elman(Cell):
+    """An Elman RNN cell. ``weights``: W_ih (H, I), W_hh (H, H), optionally b_ih and b_hh (H,)."""
+
+    weights: Mapping[str, Tensor]
+    nonlinearity: str = "tanh"
+    kind = "Elman"
+    _phi: Activation = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "_phi", get_activation(self.nonlinearity, role="nonlinearity", allowed=CANDIDATE_ACTIVATIONS)
+        )
+        if "W_ih" not in self.weights:
+            raise ValueError(f"Elman: the weights need W_ih to fix the sizes; given {sorted(self.weights)}")
+        hidden, inputs = self.weights["W_ih"].shape
+        required, optional = self.block_shapes(inputs, hidden)
+        if len([name for name in optional if name in self.weights]) == 1:
+            raise ValueError("Elman: give both biases b_ih and b_hh or neither")
+        object.__setattr__(self, "weights", check_weights("Elman", self.weights, required, optional))
+        object.__setattr__(self, "input_size", inputs)
+        object.__setattr__(self, "state_size", hidden)
+        object.__setattr__(self, "output_size", hidden)
+
+    @staticmethod
+    def block_shapes(input_size: int, hidden_size: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int]]]:
+        """Expected shapes of the weight matrices (required) and of the biases (optional)."""
+        required = {"W_ih": (hidden_size, input_size), "W_hh": (hidden_size, hidden_size)}
+        return required, {"b_ih": (hidden_size,), "b_hh": (hidden_size,)}
+
+    @classmethod
+    def random(
+        cls,
+        input_size: int,
+        hidden_size: int,
+        *,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> Elman:
+        """An Elman cell with PyTorch's default initialisation U(−1/√H, 1/√H), reproducible from ``seed``."""
+        required, optional = cls.block_shapes(input_size, hidden_size)
+        weights = uniform_weights(required | optional if bias else required, hidden_size, seed, dtype)
+        return cls(weights, nonlinearity=nonlinearity)
+
+    @property
+    def path_names(self) -> tuple[str, ...]:
+        return ("recurrent",)
+
+    def to(self, *args: Any, **kwargs: Any) -> Elman:
+        return dataclasses.replace(self, weights={k: w.to(*args, **kwargs) for k, w in self.weights.items()})
+
+    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, ElmanCache]:
+        w = self.weights
+        a = affine(x, w["W_ih"], w.get("b_ih")) + affine(state, w["W_hh"], w.get("b_hh"))
+        new_h = self._phi.function(a)
+        return new_h, ElmanCache(x=x, h=state, dphi=self._phi.derivative(a, new_h))
+
+    def jacobian_paths(self, cache: ElmanCache) -> dict[str, Tensor]:
+        return {"recurrent": diag_times(cache.dphi, self.weights["W_hh"])}
+
+    def input_jacobian(self, cache: ElmanCache) -> Tensor:
+        return diag_times(cache.dphi, self.weights["W_ih"])
+
+    def state_vjp(self, cache: ElmanCache, v: Tensor) -> Tensor:
+        return (v * cache.dphi) @ self.weights["W_hh"]
+
+    def input_vjp(self, cache: ElmanCache, v: Tensor) -> Tensor:
+        return (v * cache.dphi) @ self.weights["W_ih"]
+
+    def param_vjp(self, cache: ElmanCache, v: Tensor) -> dict[str, Tensor]:
+        g = v * cache.dphi
+        grads = {"W_ih": outer_sum(g, cache.x), "W_hh": outer_sum(g, cache.h)}
+        if "b_ih" in self.weights:
+            grads |= {"b_ih": g.sum(-2), "b_hh": g.sum(-2)}
+        return grads

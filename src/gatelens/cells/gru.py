@@ -1,0 +1,255 @@
+"""The GRU cell in every convention in use.
+
+With σ the gate activation and φ the candidate activation (tanh unless stated):
+
+    r  = σ(W_ir x + b_ir + W_hr h + b_hr)                         reset gate
+    z  = σ(W_iz x + b_iz + W_hz h + b_hz)                         update gate
+    reset "after"  (PyTorch, cuDNN, Keras reset_after=True, ONNX linear_before_reset=1):
+        n = φ(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+    reset "before" (Cho et al. 2014 v3, Keras reset_after=False, ONNX linear_before_reset=0):
+        n = φ(W_in x + b_in + W_hn (r ⊙ h) + b_hn)
+    h' = c ⊙ h + (1 − c) ⊙ n,   with the carry gate  c = z (update "keep": PyTorch, Keras, ONNX, Cho)
+                                                     c = 1 − z (update "replace": Chung et al. 2014)
+
+Writing c' = ∂c/∂a_z = ±σ'(a_z) and g = (1 − c) ⊙ φ'(a_n), the Jacobian ∂h'/∂h is the sum of four paths:
+
+    carry      diag(c)
+    update     diag((h − n) ⊙ c') W_hz
+    candidate  after:  diag(g ⊙ r) W_hn                 before: diag(g) W_hn diag(r)
+    reset      after:  diag(g ⊙ u ⊙ σ'(a_r)) W_hr       before: diag(g) W_hn diag(h ⊙ σ'(a_r)) W_hr
+               where u = W_hn h + b_hn
+
+and the input Jacobian is diag((h − n) ⊙ c') W_iz + diag(g) W_in + (the reset path with W_ir for W_hr).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activation, get_activation
+from gatelens.cells.base import (
+    Cell,
+    affine,
+    check_choice,
+    check_weights,
+    diag_times,
+    outer_sum,
+    uniform_weights,
+)
+
+RESET_PLACEMENTS = ("after", "before")
+UPDATE_CONVENTIONS = ("keep", "replace")
+GATES = ("r", "z", "n")
+
+
+@dataclass(frozen=True)
+class GRUCache:
+    """Gates of one or many GRU steps; every field has shape (..., B, H) except x (..., B, I)."""
+
+    x: Tensor
+    h: Tensor  # the previous state
+    r: Tensor
+    z: Tensor
+    n: Tensor
+    dr: Tensor  # σ'(a_r)
+    dz: Tensor  # σ'(a_z)
+    dn: Tensor  # φ'(a_n)
+    u: Tensor  # the input of φ's recurrent term before the reset: W_hn h + b_hn (after) or r ⊙ h (before)
+
+
+@dataclass(frozen=True, eq=False)
+class GRU(Cell):
+    """A GRU cell in one of the four conventions (see the module docstring for the equations).
+
+    ``weights`` maps canonical block names to tensors: W_ir, W_iz, W_in (H, I); W_hr, W_hz, W_hn (H, H);
+    optionally all six biases b_ir, b_iz, b_in, b_hr, b_hz, b_hn (H,), or none of them.
+    """
+
+    weights: Mapping[str, Tensor]
+    reset: str = "after"
+    update: str = "keep"
+    gate: str = "sigmoid"
+    candidate: str = "tanh"
+    kind = "GRU"
+    _gate: Activation = field(init=False, repr=False)
+    _candidate: Activation = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_choice("reset placement", self.reset, RESET_PLACEMENTS)
+        check_choice("update convention", self.update, UPDATE_CONVENTIONS)
+        object.__setattr__(self, "_gate", get_activation(self.gate, role="gate", allowed=GATE_ACTIVATIONS))
+        object.__setattr__(
+            self, "_candidate", get_activation(self.candidate, role="candidate", allowed=CANDIDATE_ACTIVATIONS)
+        )
+        if "W_iz" not in self.weights or "W_hz" not in self.weights:
+            raise ValueError(f"GRU: the weights need W_iz and W_hz to fix the sizes; given {sorted(self.weights)}")
+        hidden, inputs = self.weights["W_iz"].shape
+        required, optional = self.block_shapes(inputs, hidden)
+        biases_given = [name for name in optional if name in self.weights]
+        if biases_given and len(biases_given) != len(optional):
+            raise ValueError(f"GRU: give all six biases or none; given only {biases_given}")
+        object.__setattr__(self, "weights", check_weights("GRU", self.weights, required, optional))
+        object.__setattr__(self, "input_size", inputs)
+        object.__setattr__(self, "state_size", hidden)
+        object.__setattr__(self, "output_size", hidden)
+
+    @staticmethod
+    def block_shapes(input_size: int, hidden_size: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int]]]:
+        """Expected shapes of the weight blocks (required) and of the biases (optional)."""
+        required = {f"W_i{g}": (hidden_size, input_size) for g in GATES}
+        required |= {f"W_h{g}": (hidden_size, hidden_size) for g in GATES}
+        optional = {f"b_{side}{g}": (hidden_size,) for side in "ih" for g in GATES}
+        return required, optional
+
+    @classmethod
+    def random(
+        cls,
+        input_size: int,
+        hidden_size: int,
+        *,
+        reset: str = "after",
+        update: str = "keep",
+        gate: str = "sigmoid",
+        candidate: str = "tanh",
+        bias: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> GRU:
+        """A GRU with PyTorch's default initialisation U(−1/√H, 1/√H), reproducible from ``seed``."""
+        required, optional = cls.block_shapes(input_size, hidden_size)
+        shapes = required | optional if bias else required
+        weights = uniform_weights(shapes, hidden_size, seed, dtype)
+        return cls(weights, reset=reset, update=update, gate=gate, candidate=candidate)
+
+    @property
+    def path_names(self) -> tuple[str, ...]:
+        return ("carry", "update", "candidate", "reset")
+
+    def to(self, *args: Any, **kwargs: Any) -> GRU:
+        return dataclasses.replace(self, weights={k: w.to(*args, **kwargs) for k, w in self.weights.items()})
+
+    def _bias(self, name: str) -> Tensor | None:
+        return self.weights.get(name)
+
+    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, GRUCache]:
+        w, b = self.weights, self._bias
+        h = state
+        a_r = affine(x, w["W_ir"], b("b_ir")) + affine(h, w["W_hr"], b("b_hr"))
+        a_z = affine(x, w["W_iz"], b("b_iz")) + affine(h, w["W_hz"], b("b_hz"))
+        r, z = self._gate.function(a_r), self._gate.function(a_z)
+        if self.reset == "after":
+            u = affine(h, w["W_hn"], b("b_hn"))
+            a_n = affine(x, w["W_in"], b("b_in")) + r * u
+        else:
+            u = r * h
+            a_n = affine(x, w["W_in"], b("b_in")) + affine(u, w["W_hn"], b("b_hn"))
+        n = self._candidate.function(a_n)
+        c = self._carry(z)
+        new_h = c * h + (1 - c) * n
+        cache = GRUCache(
+            x=x,
+            h=h,
+            r=r,
+            z=z,
+            n=n,
+            dr=self._gate.derivative(a_r, r),
+            dz=self._gate.derivative(a_z, z),
+            dn=self._candidate.derivative(a_n, n),
+            u=u,
+        )
+        return new_h, cache
+
+    def _carry(self, z: Tensor) -> Tensor:
+        """c: the share of the old state kept, z ("keep") or 1 − z ("replace")."""
+        return z if self.update == "keep" else 1 - z
+
+    def _carry_slope(self, cache: GRUCache) -> Tensor:
+        """c' = ∂c/∂a_z."""
+        return cache.dz if self.update == "keep" else -cache.dz
+
+    def _candidate_gain(self, cache: GRUCache) -> Tensor:
+        """g = ∂h'/∂a_n = (1 − c) ⊙ φ'(a_n)."""
+        return (1 - self._carry(cache.z)) * cache.dn
+
+    def jacobian_paths(self, cache: GRUCache) -> dict[str, Tensor]:
+        w = self.weights
+        gain = self._candidate_gain(cache)
+        if self.reset == "after":
+            candidate = diag_times(gain * cache.r, w["W_hn"])
+            reset = diag_times(gain * cache.u * cache.dr, w["W_hr"])
+        else:
+            gain_w_hn = diag_times(gain, w["W_hn"])  # diag(g) W_hn, shared by both paths
+            candidate = gain_w_hn * cache.r.unsqueeze(-2)
+            reset = (gain_w_hn * (cache.h * cache.dr).unsqueeze(-2)) @ w["W_hr"]
+        return {
+            "carry": torch.diag_embed(self._carry(cache.z)),
+            "update": diag_times((cache.h - cache.n) * self._carry_slope(cache), w["W_hz"]),
+            "candidate": candidate,
+            "reset": reset,
+        }
+
+    def input_jacobian(self, cache: GRUCache) -> Tensor:
+        w = self.weights
+        gain = self._candidate_gain(cache)
+        through_reset = (
+            diag_times(gain * cache.u * cache.dr, w["W_ir"])
+            if self.reset == "after"
+            else (diag_times(gain, w["W_hn"]) * (cache.h * cache.dr).unsqueeze(-2)) @ w["W_ir"]
+        )
+        return (
+            diag_times((cache.h - cache.n) * self._carry_slope(cache), w["W_iz"])
+            + diag_times(gain, w["W_in"])
+            + through_reset
+        )
+
+    def _preactivation_adjoints(self, cache: GRUCache, v: Tensor) -> dict[str, Tensor]:
+        """Adjoints of v at a_r, a_z, a_n and at the output of W_hn's product ("hn")."""
+        g_z = v * (cache.h - cache.n) * self._carry_slope(cache)
+        g_n = v * self._candidate_gain(cache)
+        if self.reset == "after":
+            g_hn = g_n * cache.r  # a_n = … + r ⊙ (W_hn h + b_hn)
+            g_r = g_n * cache.u * cache.dr
+        else:
+            g_hn = g_n  # a_n = … + W_hn (r ⊙ h) + b_hn
+            g_r = (g_n @ self.weights["W_hn"]) * cache.h * cache.dr
+        return {"r": g_r, "z": g_z, "n": g_n, "hn": g_hn}
+
+    def state_vjp(self, cache: GRUCache, v: Tensor) -> Tensor:
+        w = self.weights
+        g = self._preactivation_adjoints(cache, v)
+        through_hn = g["hn"] @ w["W_hn"]
+        if self.reset == "before":
+            through_hn = through_hn * cache.r
+        return v * self._carry(cache.z) + g["z"] @ w["W_hz"] + g["r"] @ w["W_hr"] + through_hn
+
+    def input_vjp(self, cache: GRUCache, v: Tensor) -> Tensor:
+        w = self.weights
+        g = self._preactivation_adjoints(cache, v)
+        return g["r"] @ w["W_ir"] + g["z"] @ w["W_iz"] + g["n"] @ w["W_in"]
+
+    def param_vjp(self, cache: GRUCache, v: Tensor) -> dict[str, Tensor]:
+        g = self._preactivation_adjoints(cache, v)
+        grads = {
+            "W_ir": outer_sum(g["r"], cache.x),
+            "W_iz": outer_sum(g["z"], cache.x),
+            "W_in": outer_sum(g["n"], cache.x),
+            "W_hr": outer_sum(g["r"], cache.h),
+            "W_hz": outer_sum(g["z"], cache.h),
+            "W_hn": outer_sum(g["hn"], cache.u if self.reset == "before" else cache.h),
+        }
+        if "b_ir" in self.weights:
+            grads |= {
+                "b_ir": g["r"].sum(-2),
+                "b_iz": g["z"].sum(-2),
+                "b_in": g["n"].sum(-2),
+                "b_hr": g["r"].sum(-2),
+                "b_hz": g["z"].sum(-2),
+                "b_hn": g["hn"].sum(-2),
+            }
+        return grads

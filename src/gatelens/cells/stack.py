@@ -1,0 +1,145 @@
+"""A stack of unidirectional layers, itself a cell.
+
+Layer l reads the output of layer l − 1 at the same step (layer 0 reads x), so with s = [s⁰, s¹, …, s^{L−1}]
+the stack is one recurrence. Write J^m = ∂s^m_t/∂s^m_{t−1} for layer m's own Jacobian and
+K^l = ∂s^l_t/∂s^{l−1}_t for the feed from the layer below at the same step. The stack's Jacobian is block
+lower-triangular:
+
+    ∂s^l_t/∂s^m_{t−1} = K^l K^{l−1} ⋯ K^{m+1} J^m      for l ≥ m,   0 for l < m.
+
+Every route from s_{t−1} to s_t crosses exactly one recurrent connection, in one layer m, along one of that
+layer's paths p; so the stack's paths are named ``l{m}.{p}`` and are the column block m of the formula above with
+J^m replaced by its path p. They sum to the stack's Jacobian exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gatelens.cells.base import Cell
+
+
+@dataclass(frozen=True, eq=False, init=False)
+class Stack(Cell):
+    """Unidirectional layers run as one cell; its state is the concatenation of the layers' states."""
+
+    cells: tuple[Cell, ...]
+    kind = "Stack"
+
+    def __init__(self, cells: Sequence[Cell]) -> None:
+        cells = tuple(cells)
+        if not cells:
+            raise ValueError("Stack: needs at least one layer, got none")
+        for index, cell in enumerate(cells):
+            if not isinstance(cell, Cell) or isinstance(cell, Stack):
+                raise TypeError(f"Stack: layer {index} must be a GRU, Elman or LSTM cell, got {type(cell).__name__}")
+        for index in range(1, len(cells)):
+            if cells[index].input_size != cells[index - 1].output_size:
+                raise ValueError(
+                    f"Stack: layer {index} expects {cells[index].input_size} input features, but layer "
+                    f"{index - 1} outputs {cells[index - 1].output_size}"
+                )
+        if len({(c.dtype, c.device) for c in cells}) > 1:
+            raise ValueError("Stack: all layers must share one dtype and device")
+        object.__setattr__(self, "cells", cells)
+        object.__setattr__(self, "input_size", cells[0].input_size)
+        object.__setattr__(self, "state_size", sum(c.state_size for c in cells))
+        object.__setattr__(self, "output_size", cells[-1].output_size)
+
+    @property
+    def weights(self) -> dict[str, Tensor]:  # type: ignore[override]
+        return {f"l{index}.{name}": w for index, cell in enumerate(self.cells) for name, w in cell.weights.items()}
+
+    @property
+    def path_names(self) -> tuple[str, ...]:
+        return tuple(f"l{index}.{p}" for index, cell in enumerate(self.cells) for p in cell.path_names)
+
+    def to(self, *args: Any, **kwargs: Any) -> Stack:
+        return Stack([cell.to(*args, **kwargs) for cell in self.cells])
+
+    def output(self, state: Tensor) -> Tensor:
+        return self.cells[-1].output(state[..., self.state_size - self.cells[-1].state_size :])
+
+    def output_vjp(self, v: Tensor) -> Tensor:
+        return torch.nn.functional.pad(self.cells[-1].output_vjp(v), (self.state_size - self.cells[-1].state_size, 0))
+
+    def _slices(self) -> list[slice]:
+        """Where each layer's state sits inside the stack's state."""
+        bounds = [0]
+        for cell in self.cells:
+            bounds.append(bounds[-1] + cell.state_size)
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
+        new_states, caches = [], []
+        layer_input = x
+        for cell, part in zip(self.cells, self._slices()):
+            new_state, cache = cell.step(layer_input, state[..., part])
+            new_states.append(new_state)
+            caches.append(cache)
+            layer_input = cell.output(new_state)
+        return torch.cat(new_states, dim=-1), tuple(caches)
+
+    def _feeds(self, cache: tuple[Any, ...]) -> list[Tensor | None]:
+        """K^l = ∂s^l_t/∂s^{l−1}_t for l ≥ 1 (None for layer 0), shape (..., S_l, S_{l−1})."""
+        feeds: list[Tensor | None] = [None]
+        for index in range(1, len(self.cells)):
+            below = self.cells[index - 1]
+            k = self.cells[index].input_jacobian(cache[index])  # (..., S_l, O_{l−1})
+            feeds.append(torch.nn.functional.pad(k, (0, below.state_size - below.output_size)))
+        return feeds
+
+    def _place_column(
+        self, first_layer: int, block: Tensor, feeds: list[Tensor | None], out: Tensor, columns: slice
+    ) -> None:
+        """Write ``block`` (rows of layer ``first_layer``) and its images K^l ⋯ K^{first+1} block above it."""
+        slices = self._slices()
+        for index in range(first_layer, len(self.cells)):
+            if index > first_layer:
+                block = feeds[index] @ block  # type: ignore[operator]
+            out[..., slices[index], columns] = block
+
+    def jacobian_paths(self, cache: tuple[Any, ...]) -> dict[str, Tensor]:
+        feeds, slices = self._feeds(cache), self._slices()
+        paths = {}
+        for index, (cell, layer_cache) in enumerate(zip(self.cells, cache)):
+            for name, block in cell.jacobian_paths(layer_cache).items():
+                out = block.new_zeros(*block.shape[:-2], self.state_size, self.state_size)
+                self._place_column(index, block, feeds, out, slices[index])
+                paths[f"l{index}.{name}"] = out
+        return paths
+
+    def input_jacobian(self, cache: tuple[Any, ...]) -> Tensor:
+        block = self.cells[0].input_jacobian(cache[0])
+        out = block.new_zeros(*block.shape[:-2], self.state_size, self.input_size)
+        self._place_column(0, block, self._feeds(cache), out, slice(None))
+        return out
+
+    def _layer_adjoints(self, cache: tuple[Any, ...], v: Tensor) -> list[Tensor]:
+        """Total adjoint at each layer's new state: its own part of v plus what flows down from above."""
+        slices = self._slices()
+        adjoints: list[Tensor] = [v[..., part] for part in slices]
+        for index in range(len(self.cells) - 1, 0, -1):
+            to_input = self.cells[index].input_vjp(cache[index], adjoints[index])
+            adjoints[index - 1] = adjoints[index - 1] + self.cells[index - 1].output_vjp(to_input)
+        return adjoints
+
+    def state_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
+        adjoints = self._layer_adjoints(cache, v)
+        return torch.cat([c.state_vjp(k, a) for c, k, a in zip(self.cells, cache, adjoints)], dim=-1)
+
+    def input_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
+        return self.cells[0].input_vjp(cache[0], self._layer_adjoints(cache, v)[0])
+
+    def param_vjp(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Tensor]:
+        adjoints = self._layer_adjoints(cache, v)
+        return {
+            f"l{index}.{name}": grad
+            for index, (cell, layer_cache, adjoint) in enumerate(zip(self.cells, cache, adjoints))
+            for name, grad in cell.param_vjp(layer_cache, adjoint).items()
+        }
