@@ -75,6 +75,15 @@ class Cell(ABC):
     def to(self: CellT, *args: Any, **kwargs: Any) -> CellT:
         """A copy with every weight converted by ``Tensor.to(*args, **kwargs)``."""
 
+    def __repr__(self) -> str:
+        settings = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.init and f.name != "weights"
+        ]
+        sizes = f"input_size={self.input_size}, state_size={self.state_size}"
+        return f"{type(self).__name__}({', '.join([sizes, *settings])})"
+
     def jacobian(self, cache: Any) -> Tensor:
         """J = ∂s'/∂s, shape (..., S, S): the sum of :meth:`jacobian_paths`."""
         paths = iter(self.jacobian_paths(cache).values())

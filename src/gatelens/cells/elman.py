@@ -32,7 +32,7 @@ class ElmanCache:
     dphi: Tensor
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Elman(Cell):
     """An Elman RNN cell. ``weights``: W_ih (H, I), W_hh (H, H), optionally b_ih and b_hh (H,)."""
 

@@ -63,7 +63,7 @@ class GRUCache:
     u: Tensor  # the input of φ's recurrent term before the reset: W_hn h + b_hn (after) or r ⊙ h (before)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class GRU(Cell):
     """A GRU cell in one of the four conventions (see the module docstring for the equations).
 

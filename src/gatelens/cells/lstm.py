@@ -54,7 +54,7 @@ class LSTMCache:
     dtc: Tensor  # φ'(c')
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class LSTM(Cell):
     """An LSTM cell; ``weights``: W_ii, W_if, W_ig, W_io (H, I); W_hi, W_hf, W_hg, W_ho (H, P);
     optionally all eight biases b_ii … b_ho (H,); optionally W_proj (P, H) for an output projection."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from gatelens.cells.base import Cell
 
 
-@dataclass(frozen=True, eq=False, init=False)
+@dataclass(frozen=True, eq=False, init=False, repr=False)
 class Stack(Cell):
     """Unidirectional layers run as one cell; its state is the concatenation of the layers' states."""
 

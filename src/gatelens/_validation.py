@@ -1,0 +1,67 @@
+"""Input checks done once, at the boundary, with messages that say what was expected and what was given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def as_float_tensor(value: Any, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Convert ``value`` to a floating tensor of ``dtype``.
+
+    A torch tensor must already have ``dtype`` (a silent cast would change the precision the user chose);
+    numpy arrays and nested lists are converted, since their float64 default is not a choice.
+    """
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if value.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {value.dtype} but the model is {dtype}; convert one of them "
+                f"(model.to({value.dtype}) or {name}.to({dtype}))"
+            )
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        array = np.asarray(value)
+        if not np.issubdtype(array.dtype, np.number):
+            raise TypeError(f"{name} must hold numbers, got an array of dtype {array.dtype}")
+        return torch.as_tensor(array, dtype=dtype, device=device)
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
+
+
+def check_finite(value: Tensor, name: str) -> None:
+    """Raise if ``value`` holds NaN or Inf (one cheap reduction first, as scikit-learn does)."""
+    if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_shape(value: Tensor, expected: Sequence[int], name: str, hint: str = "") -> None:
+    """Raise if ``value`` does not have exactly the shape ``expected``."""
+    if tuple(value.shape) != tuple(expected):
+        message = f"{name} has shape {tuple(value.shape)}, expected {tuple(expected)}"
+        raise ValueError(message + (f" ({hint})" if hint else ""))
+
+
+def as_lengths(lengths: Any, batch: int, steps: int, device: torch.device) -> Tensor:
+    """Sequence lengths as a (B,) long tensor, each in 1..T."""
+    if isinstance(lengths, Tensor):
+        if lengths.is_floating_point() or lengths.is_complex():
+            raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+        values = lengths.to(device=device, dtype=torch.long)
+    else:
+        array = np.asarray(lengths)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"lengths must be integers, got {array.dtype}")
+        values = torch.as_tensor(array, dtype=torch.long, device=device)
+    if values.shape != (batch,):
+        raise ValueError(f"lengths has shape {tuple(values.shape)}, expected ({batch},): one length per sequence")
+    if values.numel() and (int(values.min()) < 1 or int(values.max()) > steps):
+        raise ValueError(
+            f"lengths must lie in 1..{steps} (the number of time steps), got min {int(values.min())}, "
+            f"max {int(values.max())}"
+        )
+    return values

@@ -1,0 +1,39 @@
+"""Loaders: a user's model, whatever its form, becomes a gatelens :class:`~gatelens.Model`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gatelens.cells import Cell
+from gatelens.io.pytorch import from_module, from_state_dict, load_file
+from gatelens.model import Model
+
+__all__ = ["load", "from_module", "from_state_dict", "load_file"]
+
+
+def load(source: Any, **options: Any) -> Model:
+    """A gatelens model from a PyTorch module, a state_dict, a saved state_dict file, a cell or a list of layers.
+
+    ``options`` go to the state_dict reader (``prefix``, ``kind``, ``nonlinearity``, ``batch_first``) for dicts
+    and files, and to :class:`~gatelens.Model` (``batch_first``) for cells.
+    """
+    if isinstance(source, Model):
+        return source
+    if isinstance(source, nn.Module):
+        if options:
+            raise TypeError(f"a torch module carries its own settings; unexpected options {sorted(options)}")
+        return from_module(source)
+    if isinstance(source, (str, Path)):
+        return load_file(source, **options)
+    if isinstance(source, Mapping):
+        return from_state_dict(source, **options)
+    if isinstance(source, Cell) or (isinstance(source, (list, tuple)) and source):
+        return Model(source, **options)
+    raise TypeError(
+        f"cannot load a {type(source).__name__}; expected a torch RNN module (nn.GRU, nn.LSTM, nn.RNN or a Cell "
+        f"version), a state_dict or a path to one, a gatelens cell, or a list of layers"
+    )

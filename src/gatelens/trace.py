@@ -1,0 +1,172 @@
+"""A Trace is the recorded forward pass of a model on one batch; a Recurrence is one of its recurrences.
+
+Time indexing (docs/notation.md): ``states[i]`` is h_i, with h_0 the initial state, and per-step arrays are
+0-based, so ``jacobians()[i] = ∂h_{i+1}/∂h_i``. A reverse direction is indexed in its own processing order:
+its step i+1 reads the input at 0-based time ``input_index[i, b] = L_b − 1 − i`` (L_b the length of sequence b).
+
+Padding: where ``mask[i, b]`` is False (step i+1 lies past the end of sequence b), the step is the identity:
+the state is carried unchanged, its Jacobian is I (all of it on the ``"padding"`` path) and it contributes
+nothing to any parameter gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import Tensor
+
+from gatelens.cells.base import Cell, map_cache
+from gatelens.cells.stack import Stack
+
+if TYPE_CHECKING:
+    from gatelens.model import Model
+
+Steps = Union[int, slice, Sequence[int], Tensor, None]
+DIRECTIONS = ("forward", "reverse")
+
+
+@dataclass(frozen=True, eq=False)
+class Recurrence:
+    """One recurrence: a cell, its states (T+1, B, S), its cached gates (leading dims (T, B)) and padding mask.
+
+    ``name`` prefixes parameter names: ``"l0"``, ``"l1_reverse"``, or ``"stack"`` for a stack of layers whose
+    cell already names its blocks ``l0.W_hz``, ``l1.W_hz``, ….
+    """
+
+    name: str
+    cell: Cell
+    states: Tensor
+    cache: Any
+    mask: Tensor | None
+    input_index: Tensor
+
+    @property
+    def steps(self) -> int:
+        """T, the number of steps."""
+        return self.states.shape[0] - 1
+
+    def _select(self, steps: Steps) -> tuple[Any, Tensor | None]:
+        """The cache and mask of the chosen steps (all of them for None; an int drops the time dimension)."""
+        if steps is None:
+            return self.cache, self.mask
+        if isinstance(steps, int) and not -self.steps <= steps < self.steps:
+            raise ValueError(f"step index {steps} is out of range for a trace of {self.steps} steps")
+        index = steps if isinstance(steps, (int, slice)) else torch.as_tensor(steps, device=self.states.device)
+        if isinstance(index, Tensor) and index.numel() and (
+            int(index.min()) < -self.steps or int(index.max()) >= self.steps
+        ):
+            raise ValueError(f"step indices must lie in 0..{self.steps - 1}, got {index.tolist()}")
+        mask = None if self.mask is None else self.mask[index]
+        return map_cache(lambda tensor: tensor[index], self.cache), mask
+
+    def _identity(self, like: Tensor) -> Tensor:
+        return torch.eye(self.cell.state_size, dtype=like.dtype, device=like.device)
+
+    def jacobians(self, steps: Steps = None) -> Tensor:
+        """J[i] = ∂h_{i+1}/∂h_i for the chosen steps, shape (T, B, S, S); rows are output units."""
+        cache, mask = self._select(steps)
+        jacobian = self.cell.jacobian(cache)
+        if mask is None:
+            return jacobian
+        return torch.where(mask[..., None, None], jacobian, self._identity(jacobian))
+
+    def jacobian_paths(self, steps: Steps = None) -> dict[str, Tensor]:
+        """The named paths of J for the chosen steps; they sum to :meth:`jacobians` exactly.
+
+        With padding, a ``"padding"`` path holds the identity of the masked steps (and zero elsewhere).
+        """
+        cache, mask = self._select(steps)
+        paths = self.cell.jacobian_paths(cache)
+        if mask is None:
+            return paths
+        keep = mask[..., None, None]
+        paths = {name: torch.where(keep, term, 0.0) for name, term in paths.items()}
+        paths["padding"] = torch.where(keep, 0.0, self._identity(next(iter(paths.values()))))
+        return paths
+
+    def state_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
+        """v · J for the chosen steps; v has shape (..., [T,] B, S) with any extra leading dimensions."""
+        cache, mask = self._select(steps)
+        result = self.cell.state_vjp(cache, v)
+        return result if mask is None else torch.where(mask[..., None], result, v)
+
+    def input_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
+        """v · ∂h_{i+1}/∂x_{i+1} for the chosen steps (zero on padded steps)."""
+        cache, mask = self._select(steps)
+        result = self.cell.input_vjp(cache, v)
+        return result if mask is None else torch.where(mask[..., None], result, 0.0)
+
+    def param_vjp(self, v: Tensor, steps: Steps = None) -> dict[str, Tensor]:
+        """v · ∂⁺h_{i+1}/∂θ for every weight block, summed over the batch, keyed by the model's block names."""
+        cache, mask = self._select(steps)
+        if mask is not None:
+            v = torch.where(mask[..., None], v, 0.0)
+        grads = self.cell.param_vjp(cache, v)
+        if isinstance(self.cell, Stack):
+            return grads
+        return {f"{self.name}.{block}": grad for block, grad in grads.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """The recorded forward pass of a :class:`~gatelens.Model` on one batch.
+
+    ``output`` and ``final_state`` are exactly what the PyTorch module returns (``output`` batch-first if the
+    model is); everything else is time-major.
+    """
+
+    model: Model
+    output: Tensor
+    final_state: Tensor | tuple[Tensor, Tensor]
+    recurrences: dict[str, Recurrence]
+    lengths: Tensor | None
+
+    @property
+    def states(self) -> dict[str, Tensor]:
+        """Per layer and direction (``"l0"``, ``"l0_reverse"``, …): h_0..h_T, shape (T+1, B, S)."""
+        return {name: rec.states for name, rec in self.recurrences.items()}
+
+    def recurrence(self, layer: int | None = None, direction: str = "forward") -> Recurrence:
+        """One layer and direction; ``layer=None`` gives the whole stack of a unidirectional model."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}; expected 'forward' or 'reverse'")
+        if direction == "reverse" and not self.model.bidirectional:
+            raise ValueError("direction='reverse' needs a bidirectional model; this one is unidirectional")
+        if layer is None:
+            if self.model.bidirectional:
+                raise ValueError(
+                    "a bidirectional model is not one recurrence: each direction of each layer is its own; "
+                    "pass layer= (0.."
+                    f"{self.model.num_layers - 1}) and direction='forward' or 'reverse'"
+                )
+            if self.model.num_layers == 1:
+                return self.recurrences["l0"]
+            return self._stack()
+        if not isinstance(layer, int) or not 0 <= layer < self.model.num_layers:
+            raise ValueError(f"layer must be an int in 0..{self.model.num_layers - 1}, got {layer!r}")
+        return self.recurrences[f"l{layer}" + ("_reverse" if direction == "reverse" else "")]
+
+    def _stack(self) -> Recurrence:
+        """The layers of a unidirectional model composed into one recurrence (a :class:`Stack`)."""
+        layers = [self.recurrences[f"l{index}"] for index in range(self.model.num_layers)]
+        return Recurrence(
+            name="stack",
+            cell=Stack([rec.cell for rec in layers]),
+            states=torch.cat([rec.states for rec in layers], dim=-1),
+            cache=tuple(rec.cache for rec in layers),
+            mask=layers[0].mask,
+            input_index=layers[0].input_index,
+        )
+
+    def jacobians(self, layer: int | None = None, direction: str = "forward", steps: Steps = None) -> Tensor:
+        """J[i] = ∂h_{i+1}/∂h_i, shape (T, B, S, S); ``layer=None`` gives the stack's Jacobian."""
+        return self.recurrence(layer, direction).jacobians(steps)
+
+    def jacobian_paths(
+        self, layer: int | None = None, direction: str = "forward", steps: Steps = None
+    ) -> dict[str, Tensor]:
+        """The named paths of :meth:`jacobians`, which they sum to exactly."""
+        return self.recurrence(layer, direction).jacobian_paths(steps)
