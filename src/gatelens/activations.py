@@ -38,7 +38,7 @@ def _hard_sigmoid(slope: float) -> Activation:
         return (slope * a + 0.5).clamp(0.0, 1.0)
 
     def derivative(a: Tensor, y: Tensor) -> Tensor:
-        return torch.where(a.abs() < edge, slope, 0.0).to(a.dtype)
+        return (a.abs() < edge).to(a.dtype) * slope
 
     name = "hard_sigmoid_keras2" if slope == 0.2 else "hard_sigmoid_keras3"
     return Activation(name, function, derivative)
