@@ -140,14 +140,16 @@ def load_file(path: str | Path, **options: Any) -> Model:
         raise FileNotFoundError(f"no such file: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds pickled Python objects, not just tensors (a whole saved module?); gatelens loads only "
-            f"with weights_only=True. Save the weights instead: torch.save(module.state_dict(), path). "
-            f"[{str(error).splitlines()[0]}]"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch file: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # torch raises many types for a damaged file; all mean "cannot read this"
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and unsupported:
+            raise ValueError(
+                f"{path} holds a pickled Python object ({unsupported[1]}), not just tensors; gatelens loads files "
+                f"with weights_only=True and never runs code from them. Save the weights instead: "
+                f"torch.save(module.state_dict(), path)"
+            ) from None
+        raise ValueError(f"{path} is not a readable PyTorch file: {first_line}") from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict (a dict of tensors)")
     options.setdefault("source", str(path))
