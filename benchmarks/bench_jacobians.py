@@ -60,10 +60,12 @@ def main() -> None:
         return cell(x_t, h)
 
     def loop() -> torch.Tensor:
-        return torch.stack([
-            torch.stack([jacrev(one_step, argnums=1)(x[t, b], states[t, b]) for b in range(args.batch)])
-            for t in range(args.steps)
-        ])
+        return torch.stack(
+            [
+                torch.stack([jacrev(one_step, argnums=1)(x[t, b], states[t, b]) for b in range(args.batch)])
+                for t in range(args.steps)
+            ]
+        )
 
     def vectorised() -> torch.Tensor:
         flat = vmap(jacrev(one_step, argnums=1))(x.reshape(-1, args.inputs), states.reshape(-1, args.hidden))
@@ -76,8 +78,10 @@ def main() -> None:
         if error > 1e-4:
             raise SystemExit(f"{name} disagrees with gatelens: relative error {error:.1e}")
 
-    print(f"per-step Jacobians, GRU, T={args.steps}, B={args.batch}, H={args.hidden}, I={args.inputs}, "
-          f"{device.type}, float32, best of {args.repeats}")
+    print(
+        f"per-step Jacobians, GRU, T={args.steps}, B={args.batch}, H={args.hidden}, I={args.inputs}, "
+        f"{device.type}, float32, best of {args.repeats}"
+    )
     print(f"  gatelens trace (forward, once)     {trace_time * 1e3:9.1f} ms")
     print(f"  gatelens trace.jacobians()         {ours_time * 1e3:9.1f} ms")
     print(f"  torch.func.jacrev, loop over steps {loop_time * 1e3:9.1f} ms   ratio {loop_time / ours_time:7.1f}x")

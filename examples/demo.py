@@ -39,13 +39,16 @@ def main() -> None:
     for layer in range(model.num_layers):
         shares = path_shares(trace.jacobian_paths(layer=layer))
         spectral = torch.linalg.matrix_norm(trace.jacobians(layer=layer), ord=2).mean().item()
-        table.add_row(str(layer), *(f"{shares[p]:.1%}" for p in ("carry", "update", "candidate", "reset")),
-                      f"{spectral:.3f}")
+        table.add_row(
+            str(layer), *(f"{shares[p]:.1%}" for p in ("carry", "update", "candidate", "reset")), f"{spectral:.3f}"
+        )
     console.print(table)
 
     stacked = trace.jacobians()  # the two layers as one recurrence: (T, B, 32, 32)
-    console.print(f"stack Jacobian: {tuple(stacked.shape)}; layer 1 reads layer 0 at the same step, so its "
-                  f"lower-left block is non-zero: {stacked[..., 16:, :16].abs().max():.3f}")
+    console.print(
+        f"stack Jacobian: {tuple(stacked.shape)}; layer 1 reads layer 0 at the same step, so its "
+        f"lower-left block is non-zero: {stacked[..., 16:, :16].abs().max():.3f}"
+    )
 
     # Self-check in float64: the stack's Jacobian against autograd through torch.nn.GRU's own step.
     gru64, x64 = gru.double(), x.double()
@@ -53,6 +56,7 @@ def main() -> None:
     jacobians64, worst = stack64.jacobians(), 0.0
     for step in range(5):
         for b in range(4):
+
             def one_step(h: torch.Tensor, step: int = step, b: int = b) -> torch.Tensor:
                 return gru64(x64[step : step + 1, b], h.view(2, 16))[1].reshape(-1)
 
@@ -67,14 +71,18 @@ def main() -> None:
     for column in ("case", "‖J − I‖", "‖J‖", "‖J − diag(1−n²) W_hn‖"):
         seed_table.add_column(column, justify="right")
     for case, (z_bias, r_bias) in cases.items():
-        weights = dict(cell.weights, b_iz=torch.full((8,), z_bias, dtype=torch.float64),
-                       b_ir=torch.full((8,), r_bias, dtype=torch.float64))
+        weights = dict(
+            cell.weights,
+            b_iz=torch.full((8,), z_bias, dtype=torch.float64),
+            b_ir=torch.full((8,), r_bias, dtype=torch.float64),
+        )
         seed_trace = gl.load(gl.GRU(weights, reset="before")).trace(x[:5].double())
         jacobian = seed_trace.jacobians()
         elman = (1 - seed_trace.recurrence().cache.n ** 2).unsqueeze(-1) * weights["W_hn"]
         eye = torch.eye(8, dtype=torch.float64)
-        seed_table.add_row(case, *(f"{torch.linalg.matrix_norm(m).max():.2e}"
-                                   for m in (jacobian - eye, jacobian, jacobian - elman)))
+        seed_table.add_row(
+            case, *(f"{torch.linalg.matrix_norm(m).max():.2e}" for m in (jacobian - eye, jacobian, jacobian - elman))
+        )
     console.print(seed_table)
 
 

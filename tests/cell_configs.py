@@ -69,14 +69,19 @@ class CellCase:
 
 def _gru(reset: str, update: str, gate: str = "sigmoid", **options: object) -> CellCase:
     name = f"gru-{reset}-{update}-{gate}" + "".join(f"-{k}={v}" for k, v in options.items())
-    return CellCase(name, lambda: scaled(gl.GRU.random(3, 5, reset=reset, update=update, gate=gate, dtype=F64,
-                                                       seed=1, **options), 3.0))  # type: ignore[arg-type]
+    return CellCase(
+        name,
+        lambda: scaled(gl.GRU.random(3, 5, reset=reset, update=update, gate=gate, dtype=F64, seed=1, **options), 3.0),
+    )  # type: ignore[arg-type]
 
 
 CELL_CASES = [
     *[_gru(reset, update) for reset in ("after", "before") for update in ("keep", "replace")],
-    *[_gru(reset, "keep", gate) for reset in ("after", "before") for gate in ("hard_sigmoid_keras2",
-                                                                                "hard_sigmoid_keras3")],
+    *[
+        _gru(reset, "keep", gate)
+        for reset in ("after", "before")
+        for gate in ("hard_sigmoid_keras2", "hard_sigmoid_keras3")
+    ],
     _gru("before", "replace", bias=False),
     _gru("after", "keep", candidate="relu"),
     CellCase("elman-tanh", lambda: scaled(gl.Elman.random(3, 5, dtype=F64, seed=2), 3.0)),
@@ -84,13 +89,24 @@ CELL_CASES = [
     CellCase("elman-nobias", lambda: gl.Elman.random(3, 5, bias=False, dtype=F64, seed=2)),
     CellCase("lstm", lambda: scaled(gl.LSTM.random(3, 5, dtype=F64, seed=3), 3.0)),
     CellCase("lstm-proj", lambda: scaled(gl.LSTM.random(3, 5, projection=2, dtype=F64, seed=3), 3.0)),
-    CellCase("lstm-nobias-hardsig", lambda: scaled(
-        gl.LSTM.random(3, 4, bias=False, gate="hard_sigmoid_keras2", dtype=F64, seed=4), 3.0)),
-    CellCase("stack-gru-gru", lambda: gl.Stack([scaled(gl.GRU.random(3, 4, dtype=F64, seed=5), 2.0),
-                                                scaled(gl.GRU.random(4, 3, dtype=F64, seed=6), 2.0)])),
-    CellCase("stack-mixed", lambda: gl.Stack([
-        scaled(gl.GRU.random(3, 4, reset="before", update="replace", dtype=F64, seed=7), 2.0),
-        scaled(gl.LSTM.random(4, 3, projection=2, dtype=F64, seed=8), 2.0),
-        scaled(gl.Elman.random(2, 3, dtype=F64, seed=9), 2.0),
-    ])),
+    CellCase(
+        "lstm-nobias-hardsig",
+        lambda: scaled(gl.LSTM.random(3, 4, bias=False, gate="hard_sigmoid_keras2", dtype=F64, seed=4), 3.0),
+    ),
+    CellCase(
+        "stack-gru-gru",
+        lambda: gl.Stack(
+            [scaled(gl.GRU.random(3, 4, dtype=F64, seed=5), 2.0), scaled(gl.GRU.random(4, 3, dtype=F64, seed=6), 2.0)]
+        ),
+    ),
+    CellCase(
+        "stack-mixed",
+        lambda: gl.Stack(
+            [
+                scaled(gl.GRU.random(3, 4, reset="before", update="replace", dtype=F64, seed=7), 2.0),
+                scaled(gl.LSTM.random(4, 3, projection=2, dtype=F64, seed=8), 2.0),
+                scaled(gl.Elman.random(2, 3, dtype=F64, seed=9), 2.0),
+            ]
+        ),
+    ),
 ]

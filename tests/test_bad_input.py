@@ -40,7 +40,9 @@ def gru_blocks(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """Valid GRU weight blocks (I = 3, H = 4) with biases."""
     required, optional = gl.GRU.block_shapes(I, 4)
     generator = torch.Generator().manual_seed(0)
-    return {name: torch.rand(shape, generator=generator, dtype=dtype) - 0.5 for name, shape in (required | optional).items()}
+    return {
+        name: torch.rand(shape, generator=generator, dtype=dtype) - 0.5 for name, shape in (required | optional).items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,7 +169,9 @@ def test_float32_h0_on_float64_model(model: gl.Model) -> None:
 
 
 def test_lengths_longer_than_t(model: gl.Model) -> None:
-    with pytest.raises(ValueError, match=rf"lengths must lie in 1\.\.{T} \(the number of time steps\), got min 2, max 7"):
+    with pytest.raises(
+        ValueError, match=rf"lengths must lie in 1\.\.{T} \(the number of time steps\), got min 2, max 7"
+    ):
         model.trace(x(T, B, I), lengths=[7, 2, 3])
 
 
@@ -248,15 +252,19 @@ def test_wrongly_shaped_block() -> None:
 def test_some_biases_only() -> None:
     blocks = gru_blocks()
     del blocks["b_hn"]
-    with pytest.raises(ValueError, match=r"GRU: give all six biases or none; given only \["):
+    given = r"\['b_hr', 'b_hz', 'b_in', 'b_ir', 'b_iz'\]"
+    with pytest.raises(ValueError, match=rf"GRU: give all of the biases \[.*\] or none; given only {given}"):
         gl.GRU(weights=blocks)
 
 
 def test_mixed_dtype_blocks() -> None:
     blocks = gru_blocks()
     blocks["W_hr"] = blocks["W_hr"].float()
-    with pytest.raises(ValueError, match=r"GRU: all weight blocks must share one dtype.*float32.*float64|"
-                                         r"GRU: all weight blocks must share one dtype.*float64.*float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"GRU: all weight blocks must share one dtype.*float32.*float64|"
+        r"GRU: all weight blocks must share one dtype.*float64.*float32",
+    ):
         gl.GRU(weights=blocks)
 
 
@@ -328,7 +336,7 @@ def test_load_a_module_with_two_recurrent_submodules() -> None:
 
 def test_load_a_string_that_is_not_a_file(tmp_path) -> None:
     missing = tmp_path / "no-such-model.pt"
-    with pytest.raises(FileNotFoundError, match=rf"no such file: .*no-such-model\.pt"):
+    with pytest.raises(FileNotFoundError, match=r"no such file: .*no-such-model\.pt"):
         gl.load(str(missing))
 
 
@@ -345,7 +353,9 @@ def test_load_an_object_of_unknown_type(source) -> None:
 
 
 def test_options_with_a_module(gru: nn.GRU) -> None:
-    with pytest.raises(TypeError, match=r"a torch module carries its own settings; unexpected options \['batch_first'\]"):
+    with pytest.raises(
+        TypeError, match=r"a torch module carries its own settings; unexpected options \['batch_first'\]"
+    ):
         gl.load(gru, batch_first=True)
 
 
@@ -366,7 +376,9 @@ def test_state_dict_whose_weight_hh_does_not_fit_the_kind(gru: nn.GRU) -> None:
 def test_state_dict_with_wrong_bias_size(gru: nn.GRU) -> None:
     state = dict(gru.state_dict())
     state["bias_ih_l0"] = torch.zeros(3 * H - 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"bias_ih_l0 has shape \(14,\), expected \(15,\) for a GRU with hidden size 5"):
+    with pytest.raises(
+        ValueError, match=r"bias_ih_l0 has shape \(14,\), expected \(15,\) for a GRU with hidden size 5"
+    ):
         gl.load(state)
 
 
@@ -409,8 +421,11 @@ def test_rnn_state_dict_without_nonlinearity() -> None:
 def test_state_dict_with_two_recurrent_prefixes() -> None:
     net = nn.Module()
     net.enc, net.dec = nn.GRU(I, H), nn.GRU(I, H)
-    with pytest.raises(ValueError, match=r"expected one recurrent module in the state_dict, found 2 \('enc', 'dec'\); "
-                                         r"pass prefix= to choose one"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected one recurrent module in the state_dict, found 2 \('enc', 'dec'\); "
+        r"pass prefix= to choose one",
+    ):
         gl.load(net.state_dict())
 
 
@@ -441,8 +456,11 @@ def test_state_dict_with_integer_weights(gru: nn.GRU) -> None:
 def test_file_holding_a_whole_pickled_module(gru: nn.GRU, tmp_path) -> None:
     path = tmp_path / "whole.pt"
     torch.save(gru, path)
-    with pytest.raises(ValueError, match=r"whole\.pt holds a pickled Python object \(torch\.nn\.modules\.rnn\.GRU\).*"
-                       r"torch\.save\(module\.state_dict\(\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"whole\.pt holds a pickled Python object \(torch\.nn\.modules\.rnn\.GRU\).*"
+        r"torch\.save\(module\.state_dict\(\)",
+    ):
         gl.load(path)
 
 
@@ -502,7 +520,9 @@ def test_jacobians_of_a_layer_that_does_not_exist(model: gl.Model) -> None:
 
 def test_reverse_direction_on_a_unidirectional_model(model: gl.Model) -> None:
     trace = model.trace(x(T, B, I))
-    with pytest.raises(ValueError, match=r"direction='reverse' needs a bidirectional model; this one is unidirectional"):
+    with pytest.raises(
+        ValueError, match=r"direction='reverse' needs a bidirectional model; this one is unidirectional"
+    ):
         trace.jacobians(layer=0, direction="reverse")
 
 

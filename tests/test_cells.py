@@ -133,12 +133,15 @@ def test_finite_difference_spot_check(case: CellCase) -> None:
 
 def _rebuild(cell: gl.Cell, weights: dict[str, torch.Tensor]) -> gl.Cell:
     if isinstance(cell, gl.Stack):
-        return gl.Stack([
-            _rebuild(layer, {k.split(".", 1)[1]: w for k, w in weights.items() if k.startswith(f"l{i}.")})
-            for i, layer in enumerate(cell.cells)
-        ])
-    options = {k: getattr(cell, k) for k in ("reset", "update", "gate", "candidate", "nonlinearity")
-               if hasattr(cell, k)}
+        return gl.Stack(
+            [
+                _rebuild(layer, {k.split(".", 1)[1]: w for k, w in weights.items() if k.startswith(f"l{i}.")})
+                for i, layer in enumerate(cell.cells)
+            ]
+        )
+    options = {
+        k: getattr(cell, k) for k in ("reset", "update", "gate", "candidate", "nonlinearity") if hasattr(cell, k)
+    }
     return type(cell)(weights, **options)
 
 

@@ -22,14 +22,19 @@ def cells(draw: st.DrawFn, inputs: int | None = None, dtype: torch.dtype = torch
     hidden, seed, bias = draw(sizes), draw(seeds), draw(st.booleans())
     if kind == "GRU":
         return gl.GRU.random(
-            inputs, hidden, seed=seed, bias=bias, dtype=dtype,
+            inputs,
+            hidden,
+            seed=seed,
+            bias=bias,
+            dtype=dtype,
             reset=draw(st.sampled_from(["after", "before"])),
             update=draw(st.sampled_from(["keep", "replace"])),
             gate=draw(st.sampled_from(["sigmoid", "hard_sigmoid_keras2", "hard_sigmoid_keras3"])),
         )
     if kind == "Elman":
-        return gl.Elman.random(inputs, hidden, seed=seed, bias=bias, dtype=dtype,
-                               nonlinearity=draw(st.sampled_from(["tanh", "relu"])))
+        return gl.Elman.random(
+            inputs, hidden, seed=seed, bias=bias, dtype=dtype, nonlinearity=draw(st.sampled_from(["tanh", "relu"]))
+        )
     projection = draw(st.one_of(st.none(), st.integers(1, hidden)))
     return gl.LSTM.random(inputs, hidden, projection=projection, seed=seed, bias=bias, dtype=dtype)
 

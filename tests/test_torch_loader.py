@@ -295,8 +295,16 @@ def test_cell_matches_python_loop(name: str, make, bias: bool, with_h0: bool) ->
     cell = make(bias).double()
     x = Config("GRU").x()
     generator = torch.Generator().manual_seed(5)
-    h = torch.randn(B, H, generator=generator, dtype=torch.float64) if with_h0 else torch.zeros(B, H, dtype=torch.float64)
-    c = torch.randn(B, H, generator=generator, dtype=torch.float64) if with_h0 else torch.zeros(B, H, dtype=torch.float64)
+    h = (
+        torch.randn(B, H, generator=generator, dtype=torch.float64)
+        if with_h0
+        else torch.zeros(B, H, dtype=torch.float64)
+    )
+    c = (
+        torch.randn(B, H, generator=generator, dtype=torch.float64)
+        if with_h0
+        else torch.zeros(B, H, dtype=torch.float64)
+    )
     is_lstm = isinstance(cell, nn.LSTMCell)
     expected_output, final = run_cell(cell, x, (h, c) if is_lstm else h)
     h0 = (h[None], c[None]) if is_lstm else h[None]

@@ -94,8 +94,11 @@ def test_bptt_from_vjps_equals_autograd_on_the_module(kind: str, padded: bool) -
     (h_n * weight).sum().backward()
 
     model = gl.load(module)
-    trace = model.trace(x, (h0.detach(), torch.zeros_like(h0.detach())) if kind == "LSTM" else h0.detach(),
-                        lengths=LENGTHS if padded else None)
+    trace = model.trace(
+        x,
+        (h0.detach(), torch.zeros_like(h0.detach())) if kind == "LSTM" else h0.detach(),
+        lengths=LENGTHS if padded else None,
+    )
     stack = trace.recurrence()  # two layers, one recurrence
     per_layer = [model.cells()[f"l{layer}"] for layer in range(2)]
     adjoint = torch.cat([cell.output_vjp(weight[layer]) for layer, cell in enumerate(per_layer)], dim=-1)
@@ -107,8 +110,13 @@ def test_bptt_from_vjps_equals_autograd_on_the_module(kind: str, padded: bool) -
     gate_count = {"GRU": 3, "LSTM": 4, "RNN": 1}[kind]
     for layer in range(2):
         packed = getattr(module, f"weight_hh_l{layer}").grad
-        blocks = ["W_hr", "W_hz", "W_hn"] if kind == "GRU" else ["W_hi", "W_hf", "W_hg", "W_ho"] if kind == "LSTM" \
+        blocks = (
+            ["W_hr", "W_hz", "W_hn"]
+            if kind == "GRU"
+            else ["W_hi", "W_hf", "W_hg", "W_ho"]
+            if kind == "LSTM"
             else ["W_hh"]
+        )
         ours = torch.cat([got[f"l{layer}.{name}"] for name in blocks])
         assert ours.shape == packed.shape == (gate_count * H, H)
         assert relative_error(ours, packed) <= 1e-10
@@ -119,8 +127,9 @@ def test_stack_states_and_paths_compose_the_layers() -> None:
     stack = trace.recurrence()
     assert torch.equal(stack.states, torch.cat([trace.states["l0"], trace.states["l1"]], dim=-1))
     paths = trace.jacobian_paths()
-    assert set(paths) == {f"l{layer}.{p}" for layer in range(2) for p in ("carry", "forget", "input", "candidate",
-                                                                         "output")}
+    assert set(paths) == {
+        f"l{layer}.{p}" for layer in range(2) for p in ("carry", "forget", "input", "candidate", "output")
+    }
     jacobian = trace.jacobians()
     assert relative_error(sum(paths.values()), jacobian) <= 1e-14
     size = trace.states["l0"].shape[-1]
@@ -138,7 +147,11 @@ def test_device_follows_the_inputs(device: str) -> None:
     assert trace.output.device.type == device
     assert trace.jacobians(layer=1, direction="reverse").device.type == device
     reference = model.trace(x, lengths=LENGTHS)
-    assert relative_error(trace.jacobians(layer=1, direction="reverse").cpu(),
-                          reference.jacobians(layer=1, direction="reverse")) <= 1e-12
+    assert (
+        relative_error(
+            trace.jacobians(layer=1, direction="reverse").cpu(), reference.jacobians(layer=1, direction="reverse")
+        )
+        <= 1e-12
+    )
     unpadded = model.trace(x.to(device))
     assert relative_error(unpadded.output.cpu(), expected) <= 1e-12

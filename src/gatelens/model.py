@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from gatelens.cells.base import Cell, stack_caches
 from gatelens.cells.stack import Stack
 from gatelens.trace import Recurrence, Trace
 
-InitialState = Union[Tensor, tuple[Tensor, Tensor], Mapping[str, Tensor], None]
+InitialState = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor] | None
 
 
 def _layers_from(spec: Cell | Sequence[Cell | Sequence[Cell]]) -> tuple[tuple[Cell, ...], ...]:
@@ -33,7 +33,9 @@ def _layers_from(spec: Cell | Sequence[Cell | Sequence[Cell]]) -> tuple[tuple[Ce
     layers = []
     for index, layer in enumerate(spec):
         directions = (layer,) if isinstance(layer, Cell) else tuple(layer)
-        if not 1 <= len(directions) <= 2 or not all(isinstance(c, Cell) and not isinstance(c, Stack) for c in directions):
+        if not 1 <= len(directions) <= 2 or not all(
+            isinstance(c, Cell) and not isinstance(c, Stack) for c in directions
+        ):
             raise TypeError(f"layer {index} must be a cell or a (forward, reverse) pair of cells, got {layer!r}")
         layers.append(directions)
     return tuple(layers)
@@ -136,8 +138,9 @@ class Model:
         unbatched = inputs.dim() == 2
         if inputs.dim() not in (2, 3):
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
-            raise ValueError(f"x must be {layout} or unbatched (T, I), got a {inputs.dim()}-D tensor of shape "
-                             f"{tuple(inputs.shape)}")
+            raise ValueError(
+                f"x must be {layout} or unbatched (T, I), got a {inputs.dim()}-D tensor of shape {tuple(inputs.shape)}"
+            )
         if unbatched:
             inputs = inputs.unsqueeze(1)
         elif self.batch_first:
@@ -167,7 +170,9 @@ class Model:
                 outputs.append(out if mask is None else torch.where(mask[..., None], out, 0.0))
             layer_input = torch.cat(outputs, dim=-1)
 
-        output = layer_input.squeeze(1) if unbatched else layer_input.transpose(0, 1) if self.batch_first else layer_input
+        output = (
+            layer_input.squeeze(1) if unbatched else layer_input.transpose(0, 1) if self.batch_first else layer_input
+        )
         final = model._final_state([rec.states[-1] for rec in recurrences.values()], unbatched)
         return Trace(model=model, output=output, final_state=final, recurrences=recurrences, lengths=length)
 
@@ -175,8 +180,10 @@ class Model:
         """Each recurrence's initial state (B, S) from h0 in any accepted form."""
         cells = self.cells()
         if h0 is None:
-            return {name: torch.zeros(batch, c.state_size, dtype=self.dtype, device=self.device)
-                    for name, c in cells.items()}
+            return {
+                name: torch.zeros(batch, c.state_size, dtype=self.dtype, device=self.device)
+                for name, c in cells.items()
+            }
         if isinstance(h0, Mapping):
             if set(h0) != set(cells):
                 raise ValueError(f"h0 as a dict needs exactly the keys {list(cells)}, got {sorted(h0)}")
@@ -246,5 +253,6 @@ def _record(name: str, cell: Cell, inputs: Tensor, state: Tensor, mask: Tensor |
         states.append(new_state)
         caches.append(cache)
         state = new_state
-    return Recurrence(name=name, cell=cell, states=torch.stack(states), cache=stack_caches(caches), mask=mask,
-                      input_index=order)
+    return Recurrence(
+        name=name, cell=cell, states=torch.stack(states), cache=stack_caches(caches), mask=mask, input_index=order
+    )

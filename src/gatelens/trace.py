@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from gatelens.cells.stack import Stack
 if TYPE_CHECKING:
     from gatelens.model import Model
 
-Steps = Union[int, slice, Sequence[int], Tensor, None]
+Steps = int | slice | Sequence[int] | Tensor | None
 DIRECTIONS = ("forward", "reverse")
 
 
@@ -55,8 +55,10 @@ class Recurrence:
         if isinstance(steps, int) and not -self.steps <= steps < self.steps:
             raise ValueError(f"step index {steps} is out of range for a trace of {self.steps} steps")
         index = steps if isinstance(steps, (int, slice)) else torch.as_tensor(steps, device=self.states.device)
-        if isinstance(index, Tensor) and index.numel() and (
-            int(index.min()) < -self.steps or int(index.max()) >= self.steps
+        if (
+            isinstance(index, Tensor)
+            and index.numel()
+            and (int(index.min()) < -self.steps or int(index.max()) >= self.steps)
         ):
             raise ValueError(f"step indices must lie in 0..{self.steps - 1}, got {index.tolist()}")
         mask = None if self.mask is None else self.mask[index]

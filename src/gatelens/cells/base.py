@@ -71,9 +71,10 @@ class Cell(ABC):
     def param_vjp(self, cache: Any, v: Tensor) -> dict[str, Tensor]:
         """v · ∂⁺s'/∂θ for every weight block θ, summed over the batch dimension."""
 
-    @abstractmethod
     def to(self: CellT, *args: Any, **kwargs: Any) -> CellT:
         """A copy with every weight converted by ``Tensor.to(*args, **kwargs)``."""
+        converted = {name: w.to(*args, **kwargs) for name, w in self.weights.items()}
+        return dataclasses.replace(self, weights=converted)  # type: ignore[type-var]
 
     def __repr__(self) -> str:
         settings = [
@@ -173,7 +174,8 @@ def check_weights(
 ) -> dict[str, Tensor]:
     """Check names, shapes, dtype, device and finiteness of a cell's weight blocks; return them as a dict.
 
-    ``required`` and ``optional`` map each block name to its expected shape.
+    ``required`` and ``optional`` map each block name to its expected shape; the optional blocks (the biases)
+    come all together or not at all.
     """
     unknown = sorted(set(given) - set(required) - set(optional))
     if unknown:
@@ -184,6 +186,9 @@ def check_weights(
     missing = sorted(set(required) - set(given))
     if missing:
         raise ValueError(f"{kind}: missing weight block(s) {missing}; given {sorted(given)}")
+    given_optional = sorted(set(optional) & set(given))
+    if given_optional and len(given_optional) != len(optional):
+        raise ValueError(f"{kind}: give all of the biases {sorted(optional)} or none; given only {given_optional}")
     expected = {**required, **optional}
     weights: dict[str, Tensor] = {}
     for name, value in given.items():

@@ -11,10 +11,8 @@ and its input Jacobian is diag(φ'(a)) W_ih.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,8 +47,6 @@ class Elman(Cell):
             raise ValueError(f"Elman: the weights need W_ih to fix the sizes; given {sorted(self.weights)}")
         hidden, inputs = self.weights["W_ih"].shape
         required, optional = self.block_shapes(inputs, hidden)
-        if len([name for name in optional if name in self.weights]) == 1:
-            raise ValueError("Elman: give both biases b_ih and b_hh or neither")
         object.__setattr__(self, "weights", check_weights("Elman", self.weights, required, optional))
         object.__setattr__(self, "input_size", inputs)
         object.__setattr__(self, "state_size", hidden)
@@ -81,9 +77,6 @@ class Elman(Cell):
     @property
     def path_names(self) -> tuple[str, ...]:
         return ("recurrent",)
-
-    def to(self, *args: Any, **kwargs: Any) -> Elman:
-        return dataclasses.replace(self, weights={k: w.to(*args, **kwargs) for k, w in self.weights.items()})
 
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, ElmanCache]:
         w = self.weights

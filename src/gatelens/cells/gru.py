@@ -24,10 +24,8 @@ and the input Jacobian is diag((h − n) ⊙ c') W_iz + diag(g) W_in + (the rese
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,9 +89,6 @@ class GRU(Cell):
             raise ValueError(f"GRU: the weights need W_iz and W_hz to fix the sizes; given {sorted(self.weights)}")
         hidden, inputs = self.weights["W_iz"].shape
         required, optional = self.block_shapes(inputs, hidden)
-        biases_given = [name for name in optional if name in self.weights]
-        if biases_given and len(biases_given) != len(optional):
-            raise ValueError(f"GRU: give all six biases or none; given only {biases_given}")
         object.__setattr__(self, "weights", check_weights("GRU", self.weights, required, optional))
         object.__setattr__(self, "input_size", inputs)
         object.__setattr__(self, "state_size", hidden)
@@ -130,9 +125,6 @@ class GRU(Cell):
     @property
     def path_names(self) -> tuple[str, ...]:
         return ("carry", "update", "candidate", "reset")
-
-    def to(self, *args: Any, **kwargs: Any) -> GRU:
-        return dataclasses.replace(self, weights={k: w.to(*args, **kwargs) for k, w in self.weights.items()})
 
     def _bias(self, name: str) -> Tensor | None:
         return self.weights.get(name)

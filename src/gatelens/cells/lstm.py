@@ -21,10 +21,8 @@ c-rows (∂c'/∂·) and its h-rows (Π D · the c-rows, plus the output gate's 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,9 +74,6 @@ class LSTM(Cell):
         hidden, inputs = self.weights["W_ii"].shape
         projection = self.weights["W_proj"].shape[0] if "W_proj" in self.weights else None
         required, biases = self.block_shapes(inputs, hidden, projection)
-        given_biases = [name for name in biases if name in self.weights]
-        if given_biases and len(given_biases) != len(biases):
-            raise ValueError(f"LSTM: give all eight biases or none; given only {given_biases}")
         object.__setattr__(self, "weights", check_weights("LSTM", self.weights, required, biases))
         out = projection or hidden
         object.__setattr__(self, "input_size", inputs)
@@ -119,9 +114,6 @@ class LSTM(Cell):
     @property
     def path_names(self) -> tuple[str, ...]:
         return ("carry", "forget", "input", "candidate", "output")
-
-    def to(self, *args: Any, **kwargs: Any) -> LSTM:
-        return dataclasses.replace(self, weights={k: w.to(*args, **kwargs) for k, w in self.weights.items()})
 
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, LSTMCache]:
         w = self.weights

@@ -64,7 +64,11 @@ def from_module(module: nn.Module) -> Model:
             nonlinearity = module.nonlinearity  # type: ignore[assignment]
         batch_first = False
     return from_state_dict(
-        module.state_dict(), kind=kind, nonlinearity=nonlinearity, batch_first=batch_first, source=f"torch.nn.{type(module).__name__}"
+        module.state_dict(),
+        kind=kind,
+        nonlinearity=nonlinearity,
+        batch_first=batch_first,
+        source=f"torch.nn.{type(module).__name__}",
     )
 
 
@@ -113,9 +117,7 @@ def from_state_dict(
         raise ValueError(f"{prefix!r} mixes layer-suffixed (weight_ih_l0) and cell (weight_ih) parameter names")
     kind = _infer_kind(tensors, "weight_hh_l0" if layered else "weight_hh", "weight_hr_l0", kind, prefix)
     if kind == "RNN" and nonlinearity is None:
-        raise ValueError(
-            "a state_dict does not record an RNN's nonlinearity; pass nonlinearity='tanh' or 'relu'"
-        )
+        raise ValueError("a state_dict does not record an RNN's nonlinearity; pass nonlinearity='tanh' or 'relu'")
     if not layered:
         cell = _cell(kind, tensors, "", nonlinearity, prefix)
         return Model(cell, batch_first=batch_first, source=source)
@@ -125,8 +127,12 @@ def from_state_dict(
     for layer in range(layer_count):
         suffixes = [f"_l{layer}", f"_l{layer}_reverse"] if bidirectional else [f"_l{layer}"]
         layers.append(tuple(_cell(kind, tensors, suffix, nonlinearity, prefix) for suffix in suffixes))
-    known = {f"{p}{s}" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-             for layer in range(layer_count) for s in (f"_l{layer}", f"_l{layer}_reverse")}
+    known = {
+        f"{p}{s}"
+        for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        for layer in range(layer_count)
+        for s in (f"_l{layer}", f"_l{layer}_reverse")
+    }
     stray = sorted(set(tensors) - known)
     if stray:
         raise ValueError(f"unexpected recurrent parameters {stray} under {prefix!r}")
@@ -208,8 +214,13 @@ def _cell(kind: str, tensors: dict[str, Tensor], suffix: str, nonlinearity: str 
     hidden = w_hr.shape[1] if w_hr is not None else w_hh.shape[1]
     out = w_hr.shape[0] if w_hr is not None else hidden
     rows = GATE_COUNT[kind] * hidden
-    expected = {"weight_ih": (rows, w_ih.shape[-1]), "weight_hh": (rows, out), "bias_ih": (rows,),
-                "bias_hh": (rows,), "weight_hr": (out, hidden)}
+    expected = {
+        "weight_ih": (rows, w_ih.shape[-1]),
+        "weight_hh": (rows, out),
+        "bias_ih": (rows,),
+        "bias_hh": (rows,),
+        "weight_hr": (out, hidden),
+    }
     for part, name in names.items():
         if name in tensors and tuple(tensors[name].shape) != expected[part]:
             raise ValueError(
