@@ -640,3 +640,22 @@ def test_loading_copies_the_weights(source: str) -> None:
     with torch.no_grad():
         changed, _ = module(x)
     assert relative_error(changed, before.output) > 1e-3
+
+
+def test_training_mode_dropout_is_announced_and_not_applied() -> None:
+    torch.manual_seed(0)
+    module = nn.GRU(3, 4, num_layers=2, dropout=0.5).double()
+    with pytest.warns(UserWarning, match=r"training mode with dropout=0\.5.*equals the module's in eval mode"):
+        model = gl.load(module)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        expected = module.eval()(x)[0]
+    assert_close(model.trace(x).output, expected, 1e-12)
+
+
+def test_cells_report_their_sizes() -> None:
+    model = gl.load(nn.LSTM(3, 6, proj_size=2))
+    cell = model.cells()["l0"]
+    assert (cell.input_size, cell.hidden_size, cell.output_size, cell.state_size) == (3, 6, 2, 8)
+    gru = gl.load(nn.GRU(3, 5)).cells()["l0"]
+    assert (gru.input_size, gru.hidden_size, gru.output_size, gru.state_size) == (3, 5, 5, 5)

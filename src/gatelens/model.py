@@ -45,6 +45,8 @@ def _layers_from(spec: Cell | Sequence[Cell | Sequence[Cell]]) -> tuple[tuple[Ce
 class Model:
     """Recurrent layers that record :class:`~gatelens.Trace` objects.
 
+    Traces are the deterministic (eval-mode) forward pass: dropout between layers is not applied.
+
     ``layers[l][d]`` is the cell of layer l in direction d (0 forward, 1 reverse). Block names are qualified by
     layer and direction as in PyTorch: ``l0.W_hz``, ``l1.W_hz``, ``l0_reverse.W_hz``.
     """

@@ -117,7 +117,8 @@ class Trace:
     """The recorded forward pass of a :class:`~gatelens.Model` on one batch.
 
     ``output`` and ``final_state`` are exactly what the PyTorch module returns (``output`` batch-first if the
-    model is); everything else is time-major.
+    model is; ``final_state`` is h_n, or (h_n, c_n) for an LSTM, and a dict of final states by recurrence name
+    for a stack whose layers differ in size); everything else is time-major.
     """
 
     model: Model

@@ -39,6 +39,7 @@ class Cell(ABC):
     kind: ClassVar[str]
     weights: Mapping[str, Tensor]  # blocks by canonical name (W_hz, b_in, …; a stack prefixes l0., l1.)
     input_size: int
+    hidden_size: int  # H: the width of each gate
     state_size: int
     output_size: int
 

@@ -91,6 +91,7 @@ class GRU(Cell):
         required, optional = self.block_shapes(inputs, hidden)
         object.__setattr__(self, "weights", check_weights("GRU", self.weights, required, optional))
         object.__setattr__(self, "input_size", inputs)
+        object.__setattr__(self, "hidden_size", hidden)
         object.__setattr__(self, "state_size", hidden)
         object.__setattr__(self, "output_size", hidden)
 

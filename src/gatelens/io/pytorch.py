@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,13 @@ def from_module(module: nn.Module) -> Model:
         if kind == "RNN":
             nonlinearity = "tanh" if mode == "RNN_TANH" else "relu"
         batch_first = module.batch_first
+        if module.training and module.dropout > 0 and module.num_layers > 1:
+            warnings.warn(
+                f"the {type(module).__name__} is in training mode with dropout={module.dropout} between layers; "
+                f"gatelens traces the deterministic forward pass, which equals the module's in eval mode",
+                UserWarning,
+                stacklevel=3,
+            )
     else:
         kind = {nn.GRUCell: "GRU", nn.LSTMCell: "LSTM", nn.RNNCell: "RNN"}.get(type(module))  # type: ignore[arg-type]
         if kind is None:
