@@ -353,9 +353,7 @@ def test_load_an_object_of_unknown_type(source) -> None:
 
 
 def test_options_with_a_module(gru: nn.GRU) -> None:
-    with pytest.raises(
-        TypeError, match=r"a torch module carries its own settings; unexpected options \['batch_first'\]"
-    ):
+    with pytest.raises(TypeError, match=r"a GRU carries its own settings; unexpected options \['batch_first'\]"):
         gl.load(gru, batch_first=True)
 
 
@@ -543,5 +541,53 @@ def test_jacobians_of_a_step_out_of_range(model: gl.Model) -> None:
     trace = model.trace(x(T, B, I))
     with pytest.raises(ValueError, match=rf"step index {T} is out of range for a trace of {T} steps"):
         trace.jacobians(layer=0, steps=T)
-    with pytest.raises(ValueError, match=rf"step indices must lie in 0\.\.{T - 1}, got \[0, 9\]"):
+    with pytest.raises(ValueError, match=rf"step indices must lie in -{T}\.\.{T - 1}, got \[0, 9\]"):
         trace.jacobians(layer=0, steps=[0, 9])
+
+
+def test_options_with_a_model_or_cells_are_not_ignored(gru: nn.GRU) -> None:
+    model = gl.load(gru)
+    with pytest.raises(TypeError, match=r"a Model carries its own settings; unexpected options \['batch_first'\]"):
+        gl.load(model, batch_first=True)
+    with pytest.raises(TypeError, match=r"cells take only the option batch_first; unexpected options \['prefix'\]"):
+        gl.load(gl.GRU.random(3, 4), prefix="x")
+    with pytest.raises(ValueError, match=r"nonlinearity= applies to an RNN only; this state_dict holds a GRU"):
+        gl.load(gru.state_dict(), nonlinearity="relu")
+
+
+def test_bad_step_selections(model: gl.Model) -> None:
+    trace = model.trace(x(T, B, I))
+    for steps in (True, 1.5, [1.0], "a", [[0, 1]]):
+        with pytest.raises(TypeError, match=r"steps must be an int, a slice or a (1-D )?list of ints"):
+            trace.jacobians(steps=steps)
+    assert trace.jacobians(steps=[]).shape[0] == 0
+    assert torch.equal(trace.jacobians(layer=np.int64(0), steps=np.int64(1)), trace.jacobians(steps=1))
+    with pytest.raises(TypeError, match=r"layer must be an int in 0\.\.0, got True"):
+        trace.jacobians(layer=True)
+
+
+def test_adjoints_of_the_wrong_shape_or_dtype(model: gl.Model) -> None:
+    rec = model.trace(x(T, B, I)).recurrence()
+    size = rec.cell.state_size
+    with pytest.raises(
+        ValueError, match=rf"v must have shape \(\.\.\., {T}, {B}, {size}\).*got \({T}, {B}, {size - 1}\)"
+    ):
+        rec.state_vjp(torch.zeros(T, B, size - 1, dtype=rec.states.dtype))
+    with pytest.raises(ValueError, match=rf"v must have shape \(\.\.\., {T}, {B}, {size}\).*got \({T - 2}, {B}"):
+        rec.param_vjp(torch.zeros(T - 2, B, size, dtype=rec.states.dtype))
+    with pytest.raises(TypeError, match=r"v has dtype torch.float16, expected the trace's"):
+        rec.input_vjp(torch.zeros(T, B, size, dtype=torch.float16))
+
+
+def test_one_dimensional_sizing_block() -> None:
+    with pytest.raises(ValueError, match=r"GRU: weight block W_iz must be a 2-D tensor \(hidden, inputs\), got \(4,\)"):
+        gl.GRU({"W_iz": torch.zeros(4)})
+
+
+def test_bool_lengths_complex_and_ragged_inputs(model: gl.Model) -> None:
+    with pytest.raises(TypeError, match=r"lengths must be integers, got dtype torch.bool"):
+        model.trace(x(T, B, I), lengths=torch.ones(B, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"x must hold real numbers, got an array of dtype complex128"):
+        model.trace(np.zeros((T, B, I), dtype=complex))
+    with pytest.raises(ValueError, match=r"x must be a rectangular array"):
+        model.trace([[[0.0] * I], [[0.0] * (I + 1)]])

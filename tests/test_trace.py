@@ -155,3 +155,23 @@ def test_device_follows_the_inputs(device: str) -> None:
     )
     unpadded = model.trace(x.to(device))
     assert relative_error(unpadded.output.cpu(), expected) <= 1e-12
+
+
+def test_layers_of_different_sizes_report_final_states_by_name() -> None:
+    """Equal state sizes but different splits (LSTM [h, c] vs GRU h) must not be stacked into h_n, c_n."""
+    lstm, gru = gl.LSTM.random(2, 2, dtype=F64), gl.GRU.random(2, 4, dtype=F64)
+    trace = gl.Model([lstm, gru]).trace(torch.randn(5, 1, 2, dtype=F64))
+    assert set(trace.final_state) == {"l0", "l1"}
+    assert torch.equal(trace.final_state["l1"], trace.states["l1"][-1])
+    unbatched = gl.Model([lstm, gru]).trace(
+        torch.randn(5, 2, dtype=F64), {"l0": torch.ones(4, dtype=F64), "l1": torch.ones(4, dtype=F64)}
+    )
+    assert torch.equal(unbatched.states["l1"][0, 0], torch.ones(4, dtype=F64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_initial_state_follows_the_inputs_device(device: str) -> None:
+    module = _module("GRU")
+    h0 = torch.randn(1, B, H, dtype=F64)
+    trace = gl.load(module).trace(_x().to(device), h0)
+    assert relative_error(trace.output.cpu(), module(_x(), h0)[0].detach()) <= 1e-12

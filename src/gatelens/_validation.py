@@ -24,11 +24,14 @@ def as_float_tensor(value: Any, name: str, dtype: torch.dtype, device: torch.dev
                 f"{name} has dtype {value.dtype} but the model is {dtype}; convert one of them "
                 f"(model.to({value.dtype}) or {name}.to({dtype}))"
             )
-        return value
+        return value.to(device)
     if isinstance(value, (np.ndarray, list, tuple)):
-        array = np.asarray(value)
-        if not np.issubdtype(array.dtype, np.number):
-            raise TypeError(f"{name} must hold numbers, got an array of dtype {array.dtype}")
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a rectangular array; got nested lists of uneven lengths") from None
+        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
         return torch.as_tensor(array, dtype=dtype, device=device)
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
 
@@ -37,6 +40,15 @@ def check_finite(value: Tensor, name: str) -> None:
     """Raise if ``value`` holds NaN or Inf (one cheap reduction first, as scikit-learn does)."""
     if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def as_index(value: Any, name: str, size: int) -> int:
+    """An integer (Python or numpy, not bool) in 0..size−1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int in 0..{size - 1}, got {value!r}")
+    if not 0 <= int(value) < size:
+        raise ValueError(f"{name} must be an int in 0..{size - 1}, got {int(value)}")
+    return int(value)
 
 
 def check_shape(value: Tensor, expected: Sequence[int], name: str, hint: str = "") -> None:
@@ -49,7 +61,7 @@ def check_shape(value: Tensor, expected: Sequence[int], name: str, hint: str = "
 def as_lengths(lengths: Any, batch: int, steps: int, device: torch.device) -> Tensor:
     """Sequence lengths as a (B,) long tensor, each in 1..T."""
     if isinstance(lengths, Tensor):
-        if lengths.is_floating_point() or lengths.is_complex():
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
         values = lengths.to(device=device, dtype=torch.long)
     else:

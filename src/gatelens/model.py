@@ -20,6 +20,7 @@ from gatelens.cells.stack import Stack
 from gatelens.trace import Recurrence, Trace
 
 InitialState = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor] | None
+FinalState = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
 
 
 def _layers_from(spec: Cell | Sequence[Cell | Sequence[Cell]]) -> tuple[tuple[Cell, ...], ...]:
@@ -130,7 +131,7 @@ class Model:
 
         x: (T, B, I), or (B, T, I) for a batch-first model, or (T, I) unbatched. The model moves to x's device.
         h0: as for the PyTorch module — (L·D, B, H_out), for an LSTM the pair (h0, c0) — or a dict mapping
-            recurrence names (``"l0"``, …) to full states (B, S); zeros when omitted.
+            recurrence names (``"l0"``, …) to full states (B, S), or (S,) unbatched; zeros when omitted.
         lengths: (B,) true lengths for padded batches; steps past a sequence's end are the identity.
         """
         model = self
@@ -178,6 +179,11 @@ class Model:
         final = model._final_state([rec.states[-1] for rec in recurrences.values()], unbatched)
         return Trace(model=model, output=output, final_state=final, recurrences=recurrences, lengths=length)
 
+    def _uniform(self) -> bool:
+        """Whether every cell has the same state and output sizes, as in a PyTorch module (h0/h_n as tensors)."""
+        sizes = {(c.state_size, c.output_size) for layer in self.layers for c in layer}
+        return len(sizes) == 1
+
     def _initial_states(self, h0: InitialState, batch: int, unbatched: bool) -> dict[str, Tensor]:
         """Each recurrence's initial state (B, S) from h0 in any accepted form."""
         cells = self.cells()
@@ -192,12 +198,13 @@ class Model:
             states = {}
             for name, cell in cells.items():
                 state = as_float_tensor(h0[name], f"h0[{name!r}]", self.dtype, self.device)
-                check_shape(state, (batch, cell.state_size), f"h0[{name!r}]")
+                check_shape(state, (cell.state_size,) if unbatched else (batch, cell.state_size), f"h0[{name!r}]")
+                state = state.reshape(batch, cell.state_size)
                 check_finite(state, f"h0[{name!r}]")
                 states[name] = state
             return states
         first = next(iter(cells.values()))
-        if any((c.state_size, c.output_size) != (first.state_size, first.output_size) for c in cells.values()):
+        if not self._uniform():
             raise ValueError("layers of different sizes take h0 as a dict of states by recurrence name")
         extra = first.state_size - first.output_size  # the LSTM's cell state
         parts = h0 if isinstance(h0, tuple) else (h0,)
@@ -215,11 +222,12 @@ class Model:
         full = torch.cat(tensors, dim=-1)
         return {name: full[index] for index, name in enumerate(cells)}
 
-    def _final_state(self, finals: list[Tensor], unbatched: bool) -> Tensor | tuple[Tensor, Tensor]:
-        """h_n (L·D, B, H_out), or (h_n, c_n) for an LSTM, as the PyTorch module returns them."""
+    def _final_state(self, finals: list[Tensor], unbatched: bool) -> FinalState:
+        """h_n (L·D, B, H_out), or (h_n, c_n) for an LSTM, as the PyTorch module returns them; for layers of
+        different sizes, the final states by recurrence name."""
         first = self.layers[0][0]
-        if any(cell.state_size != first.state_size for layer in self.layers for cell in layer):
-            return dict(zip(self.names(), finals))  # type: ignore[return-value]
+        if not self._uniform():
+            return dict(zip(self.names(), finals))
         stacked = torch.stack(finals)
         if unbatched:
             stacked = stacked.squeeze(1)

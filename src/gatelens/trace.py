@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from gatelens._validation import as_index
 from gatelens.cells.base import Cell, map_cache
 from gatelens.cells.stack import Stack
 
@@ -48,28 +50,55 @@ class Recurrence:
         """T, the number of steps."""
         return self.states.shape[0] - 1
 
-    def _select(self, steps: Steps) -> tuple[Any, Tensor | None]:
-        """The cache and mask of the chosen steps (all of them for None; an int drops the time dimension)."""
+    def _step_index(self, steps: Steps) -> int | slice | Tensor:
+        """``steps`` as an int, a slice or a 1-D long tensor of indices in −T..T−1."""
+        if isinstance(steps, slice):
+            return steps
+        if isinstance(steps, (bool, np.bool_)):
+            raise TypeError(f"steps must be an int, a slice or a list of ints, got {steps!r}")
+        if isinstance(steps, (int, np.integer)):
+            if not -self.steps <= steps < self.steps:
+                raise ValueError(f"step index {steps} is out of range for a trace of {self.steps} steps")
+            return int(steps)
+        try:
+            index = torch.as_tensor(steps)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"steps must be an int, a slice or a list of ints, got {steps!r}") from None
+        if index.numel() == 0:
+            index = index.long()
+        if index.dtype == torch.bool or index.is_floating_point() or index.is_complex() or index.dim() != 1:
+            raise TypeError(f"steps must be an int, a slice or a 1-D list of ints, got {steps!r}")
+        if index.numel() and (int(index.min()) < -self.steps or int(index.max()) >= self.steps):
+            raise ValueError(f"step indices must lie in {-self.steps}..{self.steps - 1}, got {index.tolist()}")
+        return index.to(self.states.device)
+
+    def _select(self, steps: Steps) -> tuple[Any, Tensor | None, tuple[int, ...]]:
+        """The cache, mask and leading shape ((T, B), or (B,) for one step) of the chosen steps."""
         if steps is None:
-            return self.cache, self.mask
-        if isinstance(steps, int) and not -self.steps <= steps < self.steps:
-            raise ValueError(f"step index {steps} is out of range for a trace of {self.steps} steps")
-        index = steps if isinstance(steps, (int, slice)) else torch.as_tensor(steps, device=self.states.device)
-        if (
-            isinstance(index, Tensor)
-            and index.numel()
-            and (int(index.min()) < -self.steps or int(index.max()) >= self.steps)
-        ):
-            raise ValueError(f"step indices must lie in 0..{self.steps - 1}, got {index.tolist()}")
+            return self.cache, self.mask, tuple(self.input_index.shape)
+        index = self._step_index(steps)
         mask = None if self.mask is None else self.mask[index]
-        return map_cache(lambda tensor: tensor[index], self.cache), mask
+        return map_cache(lambda tensor: tensor[index], self.cache), mask, tuple(self.input_index[index].shape)
+
+    def _check_adjoint(self, v: Tensor, lead: tuple[int, ...]) -> None:
+        """v must be a tensor of the trace's dtype whose shape ends with the selected (…, B, S)."""
+        if not isinstance(v, Tensor):
+            raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+        if v.dtype != self.states.dtype:
+            raise TypeError(f"v has dtype {v.dtype}, expected the trace's {self.states.dtype}")
+        tail = (*lead, self.cell.state_size)
+        if v.dim() < len(tail) or tuple(v.shape[v.dim() - len(tail) :]) != tail:
+            raise ValueError(
+                f"v must have shape (..., {', '.join(map(str, tail))}) — any leading dims, then the selected "
+                f"steps, batch and state — got {tuple(v.shape)}"
+            )
 
     def _identity(self, like: Tensor) -> Tensor:
         return torch.eye(self.cell.state_size, dtype=like.dtype, device=like.device)
 
     def jacobians(self, steps: Steps = None) -> Tensor:
         """J[i] = ∂h_{i+1}/∂h_i for the chosen steps, shape (T, B, S, S); rows are output units."""
-        cache, mask = self._select(steps)
+        cache, mask, _ = self._select(steps)
         jacobian = self.cell.jacobian(cache)
         if mask is None:
             return jacobian
@@ -80,7 +109,7 @@ class Recurrence:
 
         With padding, a ``"padding"`` path holds the identity of the masked steps (and zero elsewhere).
         """
-        cache, mask = self._select(steps)
+        cache, mask, _ = self._select(steps)
         paths = self.cell.jacobian_paths(cache)
         if mask is None:
             return paths
@@ -91,19 +120,22 @@ class Recurrence:
 
     def state_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
         """v · J for the chosen steps; v has shape (..., [T,] B, S) with any extra leading dimensions."""
-        cache, mask = self._select(steps)
+        cache, mask, lead = self._select(steps)
+        self._check_adjoint(v, lead)
         result = self.cell.state_vjp(cache, v)
         return result if mask is None else torch.where(mask[..., None], result, v)
 
     def input_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
         """v · ∂h_{i+1}/∂x_{i+1} for the chosen steps (zero on padded steps)."""
-        cache, mask = self._select(steps)
+        cache, mask, lead = self._select(steps)
+        self._check_adjoint(v, lead)
         result = self.cell.input_vjp(cache, v)
         return result if mask is None else torch.where(mask[..., None], result, 0.0)
 
     def param_vjp(self, v: Tensor, steps: Steps = None) -> dict[str, Tensor]:
         """v · ∂⁺h_{i+1}/∂θ for every weight block, summed over the batch, keyed by the model's block names."""
-        cache, mask = self._select(steps)
+        cache, mask, lead = self._select(steps)
+        self._check_adjoint(v, lead)
         if mask is not None:
             v = torch.where(mask[..., None], v, 0.0)
         grads = self.cell.param_vjp(cache, v)
@@ -123,7 +155,7 @@ class Trace:
 
     model: Model
     output: Tensor
-    final_state: Tensor | tuple[Tensor, Tensor]
+    final_state: Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
     recurrences: dict[str, Recurrence]
     lengths: Tensor | None
 
@@ -148,9 +180,8 @@ class Trace:
             if self.model.num_layers == 1:
                 return self.recurrences["l0"]
             return self._stack()
-        if not isinstance(layer, int) or not 0 <= layer < self.model.num_layers:
-            raise ValueError(f"layer must be an int in 0..{self.model.num_layers - 1}, got {layer!r}")
-        return self.recurrences[f"l{layer}" + ("_reverse" if direction == "reverse" else "")]
+        index = as_index(layer, "layer", self.model.num_layers)
+        return self.recurrences[f"l{index}" + ("_reverse" if direction == "reverse" else "")]
 
     def _stack(self) -> Recurrence:
         """The layers of a unidirectional model composed into one recurrence (a :class:`Stack`)."""

@@ -39,7 +39,6 @@ class Cell(ABC):
     kind: ClassVar[str]
     weights: Mapping[str, Tensor]  # blocks by canonical name (W_hz, b_in, …; a stack prefixes l0., l1.)
     input_size: int
-    hidden_size: int  # H: the width of each gate
     state_size: int
     output_size: int
 
@@ -207,6 +206,18 @@ def check_weights(
     if len(dtypes) > 1 or len(devices) > 1:
         raise ValueError(f"{kind}: all weight blocks must share one dtype and device, got {dtypes} and {devices}")
     return weights
+
+
+def sizing_block(kind: str, weights: Mapping[str, Tensor], name: str) -> tuple[int, int]:
+    """The (rows, columns) of the 2-D block ``name`` that fixes a cell's sizes (checked before anything else)."""
+    if name not in weights:
+        raise ValueError(f"{kind}: the weights need {name} to fix the sizes; given {sorted(weights)}")
+    block = weights[name]
+    if not isinstance(block, Tensor) or block.dim() != 2:
+        shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+        raise ValueError(f"{kind}: weight block {name} must be a 2-D tensor (hidden, inputs), got {shape}")
+    rows, columns = block.shape
+    return rows, columns
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

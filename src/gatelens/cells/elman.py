@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import CANDIDATE_ACTIVATIONS, Activation, get_activation
-from gatelens.cells.base import Cell, affine, check_weights, diag_times, outer_sum, uniform_weights
+from gatelens.cells.base import Cell, affine, check_weights, diag_times, outer_sum, sizing_block, uniform_weights
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,7 @@ class Elman(Cell):
         object.__setattr__(
             self, "_phi", get_activation(self.nonlinearity, role="nonlinearity", allowed=CANDIDATE_ACTIVATIONS)
         )
-        if "W_ih" not in self.weights:
-            raise ValueError(f"Elman: the weights need W_ih to fix the sizes; given {sorted(self.weights)}")
-        hidden, inputs = self.weights["W_ih"].shape
+        hidden, inputs = sizing_block("Elman", self.weights, "W_ih")
         required, optional = self.block_shapes(inputs, hidden)
         object.__setattr__(self, "weights", check_weights("Elman", self.weights, required, optional))
         object.__setattr__(self, "input_size", inputs)

@@ -38,6 +38,7 @@ from gatelens.cells.base import (
     check_weights,
     diag_times,
     outer_sum,
+    sizing_block,
     uniform_weights,
 )
 
@@ -85,9 +86,7 @@ class GRU(Cell):
         object.__setattr__(
             self, "_candidate", get_activation(self.candidate, role="candidate", allowed=CANDIDATE_ACTIVATIONS)
         )
-        if "W_iz" not in self.weights or "W_hz" not in self.weights:
-            raise ValueError(f"GRU: the weights need W_iz and W_hz to fix the sizes; given {sorted(self.weights)}")
-        hidden, inputs = self.weights["W_iz"].shape
+        hidden, inputs = sizing_block("GRU", self.weights, "W_iz")
         required, optional = self.block_shapes(inputs, hidden)
         object.__setattr__(self, "weights", check_weights("GRU", self.weights, required, optional))
         object.__setattr__(self, "input_size", inputs)
@@ -127,11 +126,8 @@ class GRU(Cell):
     def path_names(self) -> tuple[str, ...]:
         return ("carry", "update", "candidate", "reset")
 
-    def _bias(self, name: str) -> Tensor | None:
-        return self.weights.get(name)
-
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, GRUCache]:
-        w, b = self.weights, self._bias
+        w, b = self.weights, self.weights.get
         h = state
         a_r = affine(x, w["W_ir"], b("b_ir")) + affine(h, w["W_hr"], b("b_hr"))
         a_z = affine(x, w["W_iz"], b("b_iz")) + affine(h, w["W_hz"], b("b_hz"))

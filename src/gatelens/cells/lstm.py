@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activation, get_activation
-from gatelens.cells.base import Cell, affine, check_weights, diag_times, outer_sum, uniform_weights
+from gatelens.cells.base import Cell, affine, check_weights, diag_times, outer_sum, sizing_block, uniform_weights
 
 GATES = ("i", "f", "g", "o")
 
@@ -69,10 +69,8 @@ class LSTM(Cell):
         object.__setattr__(
             self, "_candidate", get_activation(self.candidate, role="candidate", allowed=CANDIDATE_ACTIVATIONS)
         )
-        if "W_ii" not in self.weights:
-            raise ValueError(f"LSTM: the weights need W_ii to fix the sizes; given {sorted(self.weights)}")
-        hidden, inputs = self.weights["W_ii"].shape
-        projection = self.weights["W_proj"].shape[0] if "W_proj" in self.weights else None
+        hidden, inputs = sizing_block("LSTM", self.weights, "W_ii")
+        projection = sizing_block("LSTM", self.weights, "W_proj")[0] if "W_proj" in self.weights else None
         required, biases = self.block_shapes(inputs, hidden, projection)
         object.__setattr__(self, "weights", check_weights("LSTM", self.weights, required, biases))
         out = projection or hidden
@@ -145,10 +143,13 @@ class LSTM(Cell):
         """h' = W_proj m, or m without a projection."""
         return affine(m, self.weights["W_proj"], None) if "W_proj" in self.weights else m
 
+    def _project_rows(self, m_rows: Tensor) -> Tensor:
+        """Rows of ∂m/∂· ↦ rows of ∂h'/∂·: Π · m_rows, with Π = W_proj or the identity."""
+        return self.weights["W_proj"] @ m_rows if "W_proj" in self.weights else m_rows
+
     def _h_rows(self, cache: LSTMCache, c_rows: Tensor) -> Tensor:
         """The h'-rows of a path from its c'-rows: Π diag(o ⊙ φ'(c')) · c_rows."""
-        m_rows = diag_times(cache.o * cache.dtc, c_rows)
-        return self.weights["W_proj"] @ m_rows if "W_proj" in self.weights else m_rows
+        return self._project_rows(diag_times(cache.o * cache.dtc, c_rows))
 
     def _matrix(self, **blocks: Tensor) -> Tensor:
         """A (…, S, S) matrix from blocks named by row part and column part: hh, hc, ch, cc."""
@@ -175,8 +176,7 @@ class LSTM(Cell):
 
     def _output_gate_rows(self, cache: LSTMCache, weight: Tensor) -> Tensor:
         """The output gate's own h'-rows: Π diag(φ(c') ⊙ σ'(a_o)) · weight."""
-        rows = diag_times(cache.tc * cache.do, weight)
-        return self.weights["W_proj"] @ rows if "W_proj" in self.weights else rows
+        return self._project_rows(diag_times(cache.tc * cache.do, weight))
 
     def input_jacobian(self, cache: LSTMCache) -> Tensor:
         w = self.weights

@@ -21,17 +21,18 @@ def load(source: Any, **options: Any) -> Model:
     ``options`` go to the state_dict reader (``prefix``, ``kind``, ``nonlinearity``, ``batch_first``) for dicts
     and files, and to :class:`~gatelens.Model` (``batch_first``) for cells.
     """
-    if isinstance(source, Model):
-        return source
-    if isinstance(source, nn.Module):
+    if isinstance(source, (Model, nn.Module)):
         if options:
-            raise TypeError(f"a torch module carries its own settings; unexpected options {sorted(options)}")
-        return from_module(source)
+            raise TypeError(f"a {type(source).__name__} carries its own settings; unexpected options {sorted(options)}")
+        return source if isinstance(source, Model) else from_module(source)
     if isinstance(source, (str, Path)):
         return load_file(source, **options)
     if isinstance(source, Mapping):
         return from_state_dict(source, **options)
     if isinstance(source, Cell) or (isinstance(source, (list, tuple)) and source):
+        unknown = sorted(set(options) - {"batch_first"})
+        if unknown:
+            raise TypeError(f"cells take only the option batch_first; unexpected options {unknown}")
         return Model(source, **options)
     raise TypeError(
         f"cannot load a {type(source).__name__}; expected a torch RNN module (nn.GRU, nn.LSTM, nn.RNN or a Cell "

@@ -124,6 +124,8 @@ def from_state_dict(
     if layered and any("_l" not in name for name in tensors):
         raise ValueError(f"{prefix!r} mixes layer-suffixed (weight_ih_l0) and cell (weight_ih) parameter names")
     kind = _infer_kind(tensors, "weight_hh_l0" if layered else "weight_hh", "weight_hr_l0", kind, prefix)
+    if kind != "RNN" and nonlinearity is not None:
+        raise ValueError(f"nonlinearity= applies to an RNN only; this state_dict holds a {kind}")
     if kind == "RNN" and nonlinearity is None:
         raise ValueError("a state_dict does not record an RNN's nonlinearity; pass nonlinearity='tanh' or 'relu'")
     if not layered:
