@@ -76,6 +76,23 @@ class Cell(ABC):
         converted = {name: w.to(*args, **kwargs) for name, w in self.weights.items()}
         return dataclasses.replace(self, weights=converted)  # type: ignore[type-var]
 
+    def _adopt_weights(
+        self,
+        required: Mapping[str, tuple[int, ...]],
+        optional: Mapping[str, tuple[int, ...]],
+        *,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        state_size: int,
+    ) -> None:
+        """Check the weights given to a cell's constructor and record its sizes."""
+        object.__setattr__(self, "weights", check_weights(self.kind, self.weights, required, optional))
+        object.__setattr__(self, "input_size", input_size)
+        object.__setattr__(self, "hidden_size", hidden_size)
+        object.__setattr__(self, "output_size", output_size)
+        object.__setattr__(self, "state_size", state_size)
+
     def __repr__(self) -> str:
         settings = [
             f"{f.name}={getattr(self, f.name)!r}"

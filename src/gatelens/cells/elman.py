@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import CANDIDATE_ACTIVATIONS, Activation, get_activation
-from gatelens.cells.base import Cell, affine, check_weights, diag_times, outer_sum, sizing_block, uniform_weights
+from gatelens.cells.base import Cell, affine, diag_times, outer_sum, sizing_block, uniform_weights
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,9 @@ class Elman(Cell):
         )
         hidden, inputs = sizing_block("Elman", self.weights, "W_ih")
         required, optional = self.block_shapes(inputs, hidden)
-        object.__setattr__(self, "weights", check_weights("Elman", self.weights, required, optional))
-        object.__setattr__(self, "input_size", inputs)
-        object.__setattr__(self, "hidden_size", hidden)
-        object.__setattr__(self, "state_size", hidden)
-        object.__setattr__(self, "output_size", hidden)
+        self._adopt_weights(
+            required, optional, input_size=inputs, hidden_size=hidden, output_size=hidden, state_size=hidden
+        )
 
     @staticmethod
     def block_shapes(input_size: int, hidden_size: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int]]]:

@@ -35,7 +35,6 @@ from gatelens.cells.base import (
     Cell,
     affine,
     check_choice,
-    check_weights,
     diag_times,
     outer_sum,
     sizing_block,
@@ -88,11 +87,9 @@ class GRU(Cell):
         )
         hidden, inputs = sizing_block("GRU", self.weights, "W_iz")
         required, optional = self.block_shapes(inputs, hidden)
-        object.__setattr__(self, "weights", check_weights("GRU", self.weights, required, optional))
-        object.__setattr__(self, "input_size", inputs)
-        object.__setattr__(self, "hidden_size", hidden)
-        object.__setattr__(self, "state_size", hidden)
-        object.__setattr__(self, "output_size", hidden)
+        self._adopt_weights(
+            required, optional, input_size=inputs, hidden_size=hidden, output_size=hidden, state_size=hidden
+        )
 
     @staticmethod
     def block_shapes(input_size: int, hidden_size: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int]]]:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activation, get_activation
-from gatelens.cells.base import Cell, affine, check_weights, diag_times, outer_sum, sizing_block, uniform_weights
+from gatelens.cells.base import Cell, affine, diag_times, outer_sum, sizing_block, uniform_weights
 
 GATES = ("i", "f", "g", "o")
 
@@ -72,12 +72,10 @@ class LSTM(Cell):
         hidden, inputs = sizing_block("LSTM", self.weights, "W_ii")
         projection = sizing_block("LSTM", self.weights, "W_proj")[0] if "W_proj" in self.weights else None
         required, biases = self.block_shapes(inputs, hidden, projection)
-        object.__setattr__(self, "weights", check_weights("LSTM", self.weights, required, biases))
         out = projection or hidden
-        object.__setattr__(self, "input_size", inputs)
-        object.__setattr__(self, "hidden_size", hidden)
-        object.__setattr__(self, "state_size", out + hidden)
-        object.__setattr__(self, "output_size", out)
+        self._adopt_weights(
+            required, biases, input_size=inputs, hidden_size=hidden, output_size=out, state_size=out + hidden
+        )
 
     @staticmethod
     def block_shapes(
