@@ -161,12 +161,12 @@ class Model:
         initial = model._initial_states(h0, batch, unbatched)
 
         recurrences: dict[str, Recurrence] = {}
+        orders = [_time_order(steps, batch, mask, reverse=bool(d)) for d in range(len(model.layers[0]))]
         layer_input = inputs
         for index, layer in enumerate(model.layers):
             outputs = []
-            for direction, cell in enumerate(layer):
+            for direction, (cell, order) in enumerate(zip(layer, orders)):
                 name = f"l{index}" + ("_reverse" if direction else "")
-                order = _time_order(steps, batch, mask, reverse=bool(direction))
                 rec = _record(name, cell, _gather_time(layer_input, order), initial[name], mask, order)
                 recurrences[name] = rec
                 out = _gather_time(cell.output(rec.states[1:]), order)  # back to the inputs' time order
