@@ -30,6 +30,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, get_activation
+
 CellT = TypeVar("CellT", bound="Cell")
 
 
@@ -75,6 +77,13 @@ class Cell(ABC):
         """A copy with every weight converted by ``Tensor.to(*args, **kwargs)``."""
         converted = {name: w.to(*args, **kwargs) for name, w in self.weights.items()}
         return dataclasses.replace(self, weights=converted)  # type: ignore[type-var]
+
+    def _adopt_gated_activations(self) -> None:
+        """Resolve the ``gate`` and ``candidate`` activation names of a gated cell (GRU, LSTM) once."""
+        gate = get_activation(self.gate, role="gate", allowed=GATE_ACTIVATIONS)  # type: ignore[attr-defined]
+        candidate = get_activation(self.candidate, role="candidate", allowed=CANDIDATE_ACTIVATIONS)  # type: ignore[attr-defined]
+        object.__setattr__(self, "_gate", gate)
+        object.__setattr__(self, "_candidate", candidate)
 
     def _adopt_weights(
         self,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activation, get_activation
+from gatelens.activations import Activation
 from gatelens.cells.base import (
     Cell,
     affine,
@@ -81,10 +81,7 @@ class GRU(Cell):
     def __post_init__(self) -> None:
         check_choice("reset placement", self.reset, RESET_PLACEMENTS)
         check_choice("update convention", self.update, UPDATE_CONVENTIONS)
-        object.__setattr__(self, "_gate", get_activation(self.gate, role="gate", allowed=GATE_ACTIVATIONS))
-        object.__setattr__(
-            self, "_candidate", get_activation(self.candidate, role="candidate", allowed=CANDIDATE_ACTIVATIONS)
-        )
+        self._adopt_gated_activations()
         hidden, inputs = sizing_block("GRU", self.weights, "W_iz")
         required, optional = self.block_shapes(inputs, hidden)
         self._adopt_weights(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activation, get_activation
+from gatelens.activations import Activation
 from gatelens.cells.base import Cell, affine, diag_times, outer_sum, sizing_block, uniform_weights
 
 GATES = ("i", "f", "g", "o")
@@ -65,10 +65,7 @@ class LSTM(Cell):
     _candidate: Activation = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_gate", get_activation(self.gate, role="gate", allowed=GATE_ACTIVATIONS))
-        object.__setattr__(
-            self, "_candidate", get_activation(self.candidate, role="candidate", allowed=CANDIDATE_ACTIVATIONS)
-        )
+        self._adopt_gated_activations()
         hidden, inputs = sizing_block("LSTM", self.weights, "W_ii")
         projection = sizing_block("LSTM", self.weights, "W_proj")[0] if "W_proj" in self.weights else None
         required, biases = self.block_shapes(inputs, hidden, projection)
