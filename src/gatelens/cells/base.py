@@ -18,6 +18,15 @@ The four derivatives, for s' = f(x, s; θ):
     input_vjp(cache, v)    (..., I)               v · ∂s'/∂x
     param_vjp(cache, v)    {block: (..., *shape)} v · ∂⁺s'/∂θ, summed over the batch dimension (the cache's last
                                                   leading dimension); s is held fixed (the immediate derivative)
+
+Every weight block θ enters a step through one product θ·u (a bias through θ·1), so its parameter VJP factors:
+
+    v · ∂⁺s'/∂θ = Σ_b δ_bᵀ ⊗ u_b        (a bias: Σ_b δ_b)
+
+where δ (..., B, rows) is v's adjoint at the product's output and u (B, cols) its input. Cells implement
+``param_factors(cache, v) → {block: Factor(δ, u)}``; ``param_vjp`` is built from it, and analyses that need one
+contribution per adjoint chain (credit maps) contract the factors themselves, which is far cheaper than forming
+every outer product.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +42,17 @@ from torch import Tensor
 from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, get_activation
 
 CellT = TypeVar("CellT", bound="Cell")
+
+
+class Factor(NamedTuple):
+    """One weight block's parameter VJP in factored form: Σ_b adjoint_bᵀ ⊗ inputs_b, or Σ_b adjoint_b for a bias.
+
+    Blocks fed by the same pre-activation share one ``adjoint`` tensor (the same object), so a consumer may
+    group them.
+    """
+
+    adjoint: Tensor  # (..., B, rows): the adjoint at the output of the block's product θ·u
+    inputs: Tensor | None  # (B, cols): u; None for a bias
 
 
 class Cell(ABC):
@@ -70,8 +90,15 @@ class Cell(ABC):
         """v · ∂s'/∂x for v of shape (..., S)."""
 
     @abstractmethod
+    def param_factors(self, cache: Any, v: Tensor) -> dict[str, Factor]:
+        """Every weight block's v · ∂⁺s'/∂θ in factored form (see :class:`Factor`)."""
+
     def param_vjp(self, cache: Any, v: Tensor) -> dict[str, Tensor]:
-        """v · ∂⁺s'/∂θ for every weight block θ, summed over the batch dimension."""
+        """v · ∂⁺s'/∂θ for every weight block θ, summed over the batch dimension: Σ_b δ_bᵀ ⊗ u_b (bias: Σ_b δ_b)."""
+        return {
+            name: factor.adjoint.sum(-2) if factor.inputs is None else outer_sum(factor.adjoint, factor.inputs)
+            for name, factor in self.param_factors(cache, v).items()
+        }
 
     def to(self: CellT, *args: Any, **kwargs: Any) -> CellT:
         """A copy with every weight converted by ``Tensor.to(*args, **kwargs)``."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import CANDIDATE_ACTIVATIONS, Activation, get_activation
-from gatelens.cells.base import Cell, affine, diag_times, outer_sum, sizing_block, uniform_weights
+from gatelens.cells.base import Cell, Factor, affine, diag_times, sizing_block, uniform_weights
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,9 @@ class Elman(Cell):
     def input_vjp(self, cache: ElmanCache, v: Tensor) -> Tensor:
         return (v * cache.dphi) @ self.weights["W_ih"]
 
-    def param_vjp(self, cache: ElmanCache, v: Tensor) -> dict[str, Tensor]:
+    def param_factors(self, cache: ElmanCache, v: Tensor) -> dict[str, Factor]:
         g = v * cache.dphi
-        grads = {"W_ih": outer_sum(g, cache.x), "W_hh": outer_sum(g, cache.h)}
+        factors = {"W_ih": Factor(g, cache.x), "W_hh": Factor(g, cache.h)}
         if "b_ih" in self.weights:
-            grads |= {"b_ih": g.sum(-2), "b_hh": g.sum(-2)}
-        return grads
+            factors |= {"b_ih": Factor(g, None), "b_hh": Factor(g, None)}
+        return factors

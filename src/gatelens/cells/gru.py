@@ -33,10 +33,10 @@ from torch import Tensor
 from gatelens.activations import Activation
 from gatelens.cells.base import (
     Cell,
+    Factor,
     affine,
     check_choice,
     diag_times,
-    outer_sum,
     sizing_block,
     uniform_weights,
 )
@@ -216,23 +216,15 @@ class GRU(Cell):
         g = self._preactivation_adjoints(cache, v)
         return g["r"] @ w["W_ir"] + g["z"] @ w["W_iz"] + g["n"] @ w["W_in"]
 
-    def param_vjp(self, cache: GRUCache, v: Tensor) -> dict[str, Tensor]:
+    def param_factors(self, cache: GRUCache, v: Tensor) -> dict[str, Factor]:
         g = self._preactivation_adjoints(cache, v)
-        grads = {
-            "W_ir": outer_sum(g["r"], cache.x),
-            "W_iz": outer_sum(g["z"], cache.x),
-            "W_in": outer_sum(g["n"], cache.x),
-            "W_hr": outer_sum(g["r"], cache.h),
-            "W_hz": outer_sum(g["z"], cache.h),
-            "W_hn": outer_sum(g["hn"], cache.u if self.reset == "before" else cache.h),
+        factors = {f"W_i{gate}": Factor(g[gate], cache.x) for gate in GATES}
+        factors |= {
+            "W_hr": Factor(g["r"], cache.h),
+            "W_hz": Factor(g["z"], cache.h),
+            "W_hn": Factor(g["hn"], cache.u if self.reset == "before" else cache.h),
         }
         if "b_ir" in self.weights:
-            grads |= {
-                "b_ir": g["r"].sum(-2),
-                "b_iz": g["z"].sum(-2),
-                "b_in": g["n"].sum(-2),
-                "b_hr": g["r"].sum(-2),
-                "b_hz": g["z"].sum(-2),
-                "b_hn": g["hn"].sum(-2),
-            }
-        return grads
+            factors |= {f"b_i{gate}": Factor(g[gate], None) for gate in GATES}
+            factors |= {"b_hr": Factor(g["r"], None), "b_hz": Factor(g["z"], None), "b_hn": Factor(g["hn"], None)}
+        return factors

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import Activation
-from gatelens.cells.base import Cell, affine, diag_times, outer_sum, sizing_block, uniform_weights
+from gatelens.cells.base import Cell, Factor, affine, diag_times, sizing_block, uniform_weights
 
 GATES = ("i", "f", "g", "o")
 
@@ -205,12 +205,12 @@ class LSTM(Cell):
         gates, _ = self._adjoints(cache, v)
         return sum(gates[g] @ self.weights[f"W_i{g}"] for g in GATES)
 
-    def param_vjp(self, cache: LSTMCache, v: Tensor) -> dict[str, Tensor]:
+    def param_factors(self, cache: LSTMCache, v: Tensor) -> dict[str, Factor]:
         gates, _ = self._adjoints(cache, v)
-        grads = {f"W_i{g}": outer_sum(gates[g], cache.x) for g in GATES}
-        grads |= {f"W_h{g}": outer_sum(gates[g], cache.h) for g in GATES}
+        factors = {f"W_i{g}": Factor(gates[g], cache.x) for g in GATES}
+        factors |= {f"W_h{g}": Factor(gates[g], cache.h) for g in GATES}
         if "b_ii" in self.weights:
-            grads |= {f"b_{side}{g}": gates[g].sum(-2) for side in "ih" for g in GATES}
+            factors |= {f"b_{side}{g}": Factor(gates[g], None) for side in "ih" for g in GATES}
         if "W_proj" in self.weights:
-            grads["W_proj"] = outer_sum(v[..., : self.output_size], cache.o * cache.tc)
-        return grads
+            factors["W_proj"] = Factor(v[..., : self.output_size], cache.o * cache.tc)
+        return factors

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gatelens.cells.base import Cell
+from gatelens.cells.base import Cell, Factor
 
 
 @dataclass(frozen=True, eq=False, init=False, repr=False)
@@ -136,10 +136,10 @@ class Stack(Cell):
     def input_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
         return self.cells[0].input_vjp(cache[0], self._layer_adjoints(cache, v)[0])
 
-    def param_vjp(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Tensor]:
+    def param_factors(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Factor]:
         adjoints = self._layer_adjoints(cache, v)
         return {
-            f"l{index}.{name}": grad
+            f"l{index}.{name}": factor
             for index, (cell, layer_cache, adjoint) in enumerate(zip(self.cells, cache, adjoints))
-            for name, grad in cell.param_vjp(layer_cache, adjoint).items()
+            for name, factor in cell.param_factors(layer_cache, adjoint).items()
         }
