@@ -17,7 +17,7 @@ from torch import Tensor
 from gatelens._validation import as_float_tensor, as_lengths, check_finite, check_shape
 from gatelens.cells.base import Cell, stack_caches
 from gatelens.cells.stack import Stack
-from gatelens.trace import Recurrence, Trace
+from gatelens.trace import Recurrence, Trace, gather_time
 
 InitialState = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor] | None
 FinalState = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
@@ -167,9 +167,9 @@ class Model:
             outputs = []
             for direction, (cell, order) in enumerate(zip(layer, orders)):
                 name = f"l{index}" + ("_reverse" if direction else "")
-                rec = _record(name, cell, _gather_time(layer_input, order), initial[name], mask, order)
+                rec = _record(name, cell, gather_time(layer_input, order), initial[name], mask, order)
                 recurrences[name] = rec
-                out = _gather_time(cell.output(rec.states[1:]), order)  # back to the inputs' time order
+                out = gather_time(cell.output(rec.states[1:]), order)  # back to the inputs' time order
                 outputs.append(out if mask is None else torch.where(mask[..., None], out, 0.0))
             layer_input = torch.cat(outputs, dim=-1)
 
@@ -245,12 +245,6 @@ def _time_order(steps: int, batch: int, mask: Tensor | None, *, reverse: bool) -
         return steps - 1 - i
     lengths = mask.sum(0)
     return torch.where(mask, lengths - 1 - i, i)
-
-
-def _gather_time(values: Tensor, order: Tensor) -> Tensor:
-    """values (T, B, F) read in ``order`` along time; the reverse order is its own inverse."""
-    order = order.to(values.device)
-    return values.gather(0, order[..., None].expand(-1, -1, values.shape[-1]))
 
 
 def _record(name: str, cell: Cell, inputs: Tensor, state: Tensor, mask: Tensor | None, order: Tensor) -> Recurrence:

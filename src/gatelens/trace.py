@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import as_index
-from gatelens.cells.base import Cell, map_cache
+from gatelens.cells.base import Cell, Factor, map_cache
 from gatelens.cells.stack import Stack
 
 if TYPE_CHECKING:
@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 
 Steps = int | slice | Sequence[int] | Tensor | None
 DIRECTIONS = ("forward", "reverse")
+
+
+def gather_time(values: Tensor, order: Tensor) -> Tensor:
+    """values (T, B, F) read along time in ``order`` (T, B): row i of sequence b is ``values[order[i, b], b]``."""
+    order = order.to(values.device)
+    return values.gather(0, order[..., None].expand(-1, -1, values.shape[-1]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,10 +144,28 @@ class Recurrence:
         self._check_adjoint(v, lead)
         if mask is not None:
             v = torch.where(mask[..., None], v, 0.0)
-        grads = self.cell.param_vjp(cache, v)
+        return self.qualify(self.cell.param_vjp(cache, v))
+
+    def param_factors(self, v: Tensor, steps: Steps = None) -> dict[str, Factor]:
+        """:meth:`param_vjp` in factored form (see :class:`~gatelens.cells.Factor`), zero on padded steps."""
+        cache, mask, lead = self._select(steps)
+        self._check_adjoint(v, lead)
+        if mask is not None:
+            v = torch.where(mask[..., None], v, 0.0)
+        return self.qualify(self.cell.param_factors(cache, v))
+
+    def qualify(self, blocks: dict[str, Any]) -> dict[str, Any]:
+        """Key by the model's block names (``l0.W_hz``); a stack's cell already qualifies them."""
         if isinstance(self.cell, Stack):
-            return grads
-        return {f"{self.name}.{block}": grad for block, grad in grads.items()}
+            return blocks
+        return {f"{self.name}.{block}": value for block, value in blocks.items()}
+
+    def to_processing_order(self, values: Tensor) -> Tensor:
+        """Per-time values (T, B, F) in the inputs' time order ↦ this recurrence's step order, and back.
+
+        Row i of the result is ``values[input_index[i, b], b]``; the reordering is its own inverse.
+        """
+        return gather_time(values, self.input_index)
 
 
 @dataclass(frozen=True, eq=False)

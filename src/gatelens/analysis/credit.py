@@ -1,0 +1,349 @@
+"""Credit maps: eq. (8) split by loss step, source step and lag, for every weight block.
+
+For a loss L over the outputs and a weight block θ (docs/notation.md, 0-based: index i is step i+1):
+
+    ∂L/∂θ = Σ_t Σ_{k≤t} C(t, k),      C(t, k) = g_t · J_t J_{t−1} ⋯ J_{k+1} · ∂⁺h_k/∂θ
+
+where g_t is the gradient entering the state h_t through the output at step t (∂L_t/∂h_t for L = Σ_t L_t),
+J_i = ∂h_i/∂h_{i−1}, and ∂⁺h_k/∂θ holds h_{k−1} fixed. C(t, k) is the *contribution* of source step k to loss step
+t; t − k is its lag. A credit map holds, for every block:
+
+    total        Σ_{t,k} C(t, k)  = ∂L/∂θ
+    by_source    Σ_{t≥k} C(t, k), one per source step k          (T, *shape)
+    by_lag       ‖Σ_{t−k=τ} C(t, k)‖_F, one per lag τ            (T,)
+    norms        ‖C(t, k)‖_F, rows t, columns k (0 for k > t)    (T, T)
+    path_shares  per step i and path p of J_{i+1}: ‖ā_{i+1} P_p‖ / Σ_q ‖ā_{i+1} P_q‖, ā_{i+1} = ∂L/∂h_{i+1}
+
+``total`` and ``by_source`` need only the summed adjoint ā_k = Σ_{t≥k} g_t J_t ⋯ J_{k+1}, i.e. BPTT. ``by_lag`` and
+``norms`` need every chain a_{t,k} = g_t J_t ⋯ J_{k+1} on its own: one backward sweep over time carries the chains
+of every loss step reached so far, stacked into one (chains, B, S) tensor, so a step costs one batched product
+and only that step's contributions are formed. Memory stays O(chains·B·S) plus the results; no Jacobian is stored.
+Each property is computed on first access.
+
+Models. A stack of unidirectional layers is one recurrence, so t is the true loss step for every layer. In a
+bidirectional model every direction of every layer is its own recurrence, indexed in its own processing order (a
+reverse direction's step i reads the input at time L_b − 1 − i, so its chains run forward in the inputs' time).
+Below the top layer of a bidirectional model, the "loss step" t of a contribution is the step at which the exact
+adjoint enters the layer from the layer above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gatelens._validation import as_float_tensor, check_finite, check_shape
+from gatelens.cells.base import Factor, check_choice
+from gatelens.trace import DIRECTIONS, Recurrence, Trace
+
+LOSSES = ("last", "all")
+CHUNK_ELEMENTS = 1 << 24  # elements per chunk of per-step Jacobian paths (64 MiB in float32)
+
+
+@dataclass(frozen=True, eq=False)
+class CreditMap:
+    """Contributions C(t, k) of every source step k to every loss step t, for every weight block.
+
+    Build one with :func:`credit`. ``out_grads`` is the gradient at the model's outputs, time-major (T, B, F) and
+    zero past each sequence's end; ``streams`` pairs each recurrence with the gradient g entering its states
+    (T, B, S). Results are keyed by block name (``l0.W_iz``) and computed on first access.
+    """
+
+    trace: Trace
+    out_grads: Tensor
+    streams: tuple[tuple[Recurrence, Tensor], ...]
+
+    @cached_property
+    def adjoints(self) -> dict[str, Tensor]:
+        """ā_{i+1} = ∂L/∂h_{i+1} per recurrence name, (T, B, S): the summed adjoint of BPTT."""
+        return {rec.name: summed_adjoints(rec, g) for rec, g in self.streams}
+
+    @cached_property
+    def total(self) -> dict[str, Tensor]:
+        """∂L/∂θ = Σ_{t,k} C(t, k) for every block."""
+        totals: dict[str, Tensor] = {}
+        for rec, _ in self.streams:
+            factors = rec.param_factors(self.adjoints[rec.name])
+            for name, factor in factors.items():
+                adjoint = factor.adjoint.flatten(0, -2)  # every (step, sequence) pair as one batch
+                totals[name] = adjoint.sum(0) if factor.inputs is None else adjoint.mT @ factor.inputs.flatten(0, -2)
+        return totals
+
+    @cached_property
+    def by_source(self) -> dict[str, Tensor]:
+        """Σ_{t≥k} C(t, k) for every source step k: (T, *shape) per block."""
+        return {name: grad for rec, _ in self.streams for name, grad in rec.param_vjp(self.adjoints[rec.name]).items()}
+
+    @cached_property
+    def by_lag(self) -> dict[str, Tensor]:
+        """‖Σ_{t−k=τ} C(t, k)‖_F for every lag τ = 0..T−1: (T,) per block."""
+        sums: dict[str, Tensor] = {}
+        for rec, g in self.streams:
+            sums |= chain_sweep(rec, g, lag_sums=True).lag_sums
+        return {name: total.flatten(1).norm(dim=1) for name, total in sums.items()}
+
+    @cached_property
+    def norms(self) -> dict[str, Tensor]:
+        """‖C(t, k)‖_F for every loss step t (rows) and source step k (columns): (T, T) per block."""
+        norms: dict[str, Tensor] = {}
+        for rec, g in self.streams:
+            norms |= chain_sweep(rec, g, pair_norms=True).pair_norms
+        return norms
+
+    @cached_property
+    def path_shares(self) -> dict[str, Tensor]:
+        """Share of ∂L/∂h_{i+1} flowing back through each path of J_{i+1}: (T,) per path, summing to 1."""
+        shares: dict[str, Tensor] = {}
+        for rec, _ in self.streams:
+            shares |= path_shares(rec, self.adjoints[rec.name])
+        return shares
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results computed so far (``total`` always) as nested lists, ready for JSON."""
+        computed = {"total": self.total} | {
+            field: self.__dict__[field]
+            for field in ("by_source", "by_lag", "norms", "path_shares")
+            if field in self.__dict__
+        }
+        return {
+            field: {name: value.detach().cpu().tolist() for name, value in results.items()}
+            for field, results in computed.items()
+        }
+
+
+def credit(
+    trace: Trace,
+    out_grads: Any = None,
+    *,
+    loss: str | None = None,
+    head: Callable[[Tensor], Tensor] | None = None,
+    targets: Any = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> CreditMap:
+    """The credit map of a loss on a trace; see the module docstring for what it holds.
+
+    Either ``out_grads`` = ∂L/∂(output), shaped like ``trace.output`` (batch-first if the model is), or a loss:
+    ``loss="last"`` applies ``head`` to the output at each sequence's last step (its length − 1), ``loss="all"``
+    to the outputs of every step; ``loss_fn(head(outputs), targets)`` must be a scalar (default ``head``: the
+    identity; default ``loss_fn``: mean squared error). Gradients at steps past a sequence's end are dropped: the
+    model's output there is a constant zero.
+    """
+    gradients = _output_gradients(trace, out_grads, loss, head, targets, loss_fn)
+    time_major = _time_major(trace, gradients)
+    if trace.lengths is not None:
+        mask = torch.arange(time_major.shape[0], device=time_major.device)[:, None] < trace.lengths[None, :]
+        time_major = torch.where(mask[..., None], time_major, 0.0)
+    return CreditMap(trace=trace, out_grads=time_major, streams=tuple(_streams(trace, time_major)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss's gradient at the outputs, and how it enters each recurrence.
+
+
+def _time_major(trace: Trace, values: Tensor) -> Tensor:
+    """A tensor laid out like ``trace.output`` as (T, B, F)."""
+    if values.dim() == 2:
+        return values.unsqueeze(1)
+    return values.transpose(0, 1) if trace.model.batch_first else values
+
+
+def _output_gradients(
+    trace: Trace,
+    out_grads: Any,
+    loss: str | None,
+    head: Callable[[Tensor], Tensor] | None,
+    targets: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+) -> Tensor:
+    """∂L/∂(output), laid out like ``trace.output``, from out_grads or from (loss, head, targets, loss_fn)."""
+    output = trace.output
+    if out_grads is not None:
+        options = {"loss": loss, "head": head, "targets": targets, "loss_fn": loss_fn}
+        given = [name for name, value in options.items() if value is not None]
+        if given:
+            raise TypeError(f"give either out_grads or loss= with targets=, not both (also given: {', '.join(given)})")
+        gradients = as_float_tensor(out_grads, "out_grads", output.dtype, output.device)
+        check_shape(gradients, output.shape, "out_grads", "the shape of trace.output")
+        check_finite(gradients, "out_grads")
+        return gradients
+    if loss is None:
+        raise TypeError("credit needs out_grads (shaped like trace.output), or loss='last' or 'all' with targets=")
+    check_choice("loss", loss, LOSSES)
+    if targets is None:
+        raise TypeError(f"loss={loss!r} needs targets=")
+    outputs = output.detach().requires_grad_(True)
+    if loss == "all":
+        predicted_from = outputs
+    else:
+        time_major = _time_major(trace, outputs)
+        steps, batch = time_major.shape[:2]
+        lengths = trace.lengths if trace.lengths is not None else torch.full((batch,), steps, device=outputs.device)
+        predicted_from = time_major[lengths - 1, torch.arange(batch, device=outputs.device)]
+        if output.dim() == 2:
+            predicted_from = predicted_from.squeeze(0)
+    try:
+        predictions = predicted_from if head is None else head(predicted_from)
+    except Exception as error:  # a user's head: report what it was given
+        raise ValueError(
+            f"head could not be applied to the model's outputs of shape {tuple(predicted_from.shape)} "
+            f"(dtype {predicted_from.dtype}): {error}"
+        ) from None
+    if not isinstance(targets, Tensor):
+        targets = torch.as_tensor(targets, device=outputs.device)
+    if tuple(targets.shape) not in (tuple(predictions.shape), tuple(predictions.shape[:-1])):
+        raise ValueError(
+            f"targets have shape {tuple(targets.shape)}, but the head's predictions for loss={loss!r} have shape "
+            f"{tuple(predictions.shape)}; expected targets of that shape (or {tuple(predictions.shape[:-1])} for "
+            f"class indices)"
+        )
+    value = (loss_fn or torch.nn.functional.mse_loss)(predictions, targets)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got {value!r:.80}")
+    check_finite(value.detach(), "the loss")
+    (gradients,) = torch.autograd.grad(value, outputs, allow_unused=True, materialize_grads=True)
+    return gradients
+
+
+def _streams(trace: Trace, out_grads: Tensor) -> list[tuple[Recurrence, Tensor]]:
+    """Each recurrence and the gradient entering its states (T, B, S) in its own step order.
+
+    A unidirectional model is one recurrence (its stack). In a bidirectional model the top layer's directions
+    take their halves of out_grads; each lower layer takes the exact adjoint at its output, which is the sum of
+    the input VJPs of the layer above (BPTT through that layer), mapped back to the inputs' time order.
+    """
+    model = trace.model
+    if not model.bidirectional:
+        rec = trace.recurrence()
+        return [(rec, rec.cell.output_vjp(out_grads))]
+    streams = []
+    at_output = out_grads
+    for layer in reversed(range(model.num_layers)):
+        at_input: Tensor | int = 0
+        for index, direction in enumerate(DIRECTIONS):
+            rec = trace.recurrence(layer, direction)
+            width = rec.cell.output_size
+            g = rec.cell.output_vjp(rec.to_processing_order(at_output[..., index * width : (index + 1) * width]))
+            streams.append((rec, g))
+            if layer:
+                at_input = at_input + rec.to_processing_order(rec.input_vjp(summed_adjoints(rec, g)))
+        at_output = at_input  # type: ignore[assignment]
+    return streams[::-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps over time.
+
+
+def summed_adjoints(rec: Recurrence, g: Tensor) -> Tensor:
+    """BPTT: ā_i = g_i + ā_{i+1} · J_{i+1} for i = T−1 … 0 (0-based), returned as (T, B, S)."""
+    adjoints = torch.empty_like(g)
+    adjoint = g[-1]
+    adjoints[-1] = adjoint
+    for step in reversed(range(rec.steps - 1)):
+        adjoint = g[step] + rec.state_vjp(adjoint, steps=step + 1)
+        adjoints[step] = adjoint
+    return adjoints
+
+
+@dataclass(frozen=True)
+class ChainSweep:
+    """What one all-chains sweep collected: Σ_{t−k=τ} C(t, k) per lag (T, *shape), ‖C(t, k)‖_F (T, T)."""
+
+    lag_sums: dict[str, Tensor]
+    pair_norms: dict[str, Tensor]
+
+
+def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norms: bool = False) -> ChainSweep:
+    """One backward sweep carrying a chain a_{t,k} = g_t J_t ⋯ J_{k+1} for every loss step t with g_t ≠ 0.
+
+    At step k the chains of every t ≥ k are one stacked (chains, B, S) tensor: their contributions C(t, k) are
+    contracted from the step's parameter factors, then all of them move to k − 1 through one state VJP.
+    """
+    steps = rec.steps
+    loss_steps = torch.nonzero(g.flatten(1).abs().amax(1) > 0).flatten()
+    is_loss_step = torch.zeros(steps, dtype=torch.bool)
+    is_loss_step[loss_steps.cpu()] = True
+    chains = g.new_zeros(len(loss_steps), *g.shape[1:])
+    sums: dict[str, Tensor] = {}
+    norms: dict[str, Tensor] = {}
+    first = len(loss_steps)  # chains[first:] are the active ones
+    for step in reversed(range(steps)):
+        if is_loss_step[step]:
+            first -= 1
+            chains[first] = g[step]
+        if first == len(loss_steps):
+            continue
+        active = chains[first:]
+        factors = rec.param_factors(active, steps=step)
+        if lag_sums:
+            lags = loss_steps[first:] - step
+            for name, contribution in chain_contributions(factors).items():
+                if name not in sums:
+                    sums[name] = contribution.new_zeros(steps, *contribution.shape[1:])
+                sums[name].index_add_(0, lags, contribution)
+        if pair_norms:
+            for name, squared in chain_norms_squared(factors).items():
+                if name not in norms:
+                    norms[name] = squared.new_zeros(steps, steps)
+                norms[name][loss_steps[first:], step] = squared.clamp_min(0).sqrt()
+        if step:
+            chains[first:] = rec.state_vjp(active, steps=step)
+    return ChainSweep(lag_sums=sums, pair_norms=norms)
+
+
+def _grouped(factors: dict[str, Factor]) -> list[tuple[Tensor, list[tuple[str, Tensor | None]]]]:
+    """Blocks grouped by their shared adjoint tensor (one pre-activation feeds several blocks)."""
+    groups: dict[int, tuple[Tensor, list[tuple[str, Tensor | None]]]] = {}
+    for name, factor in factors.items():
+        groups.setdefault(id(factor.adjoint), (factor.adjoint, []))[1].append((name, factor.inputs))
+    return list(groups.values())
+
+
+def chain_contributions(factors: dict[str, Factor]) -> dict[str, Tensor]:
+    """Per chain, Σ_b δ_bᵀ ⊗ u_b (a bias: Σ_b δ_b): (chains, *shape) per block.
+
+    Blocks sharing an adjoint δ (chains, B, rows) are done in one product with their inputs side by side
+    (a bias's input is a column of ones).
+    """
+    contributions = {}
+    for adjoint, members in _grouped(factors):
+        ones = adjoint.new_ones(adjoint.shape[-2], 1)
+        columns = [ones if inputs is None else inputs for _, inputs in members]
+        products = adjoint.mT @ torch.cat(columns, dim=-1)
+        for (name, inputs), part in zip(members, products.split([c.shape[-1] for c in columns], dim=-1)):
+            contributions[name] = part.squeeze(-1) if inputs is None else part
+    return contributions
+
+
+def chain_norms_squared(factors: dict[str, Factor]) -> dict[str, Tensor]:
+    """Per chain, ‖Σ_b δ_bᵀ ⊗ u_b‖_F² = Σ_{b,b'} (δ_b·δ_b')(u_b·u_b'), from Gram matrices: (chains,) per block.
+
+    The Gram form costs B² (rows + cols) per chain instead of B·rows·cols for the outer products.
+    """
+    squared = {}
+    for adjoint, members in _grouped(factors):
+        gram = adjoint @ adjoint.mT  # (chains, B, B)
+        for name, inputs in members:
+            squared[name] = gram.sum((-2, -1)) if inputs is None else (gram * (inputs @ inputs.mT)).sum((-2, -1))
+    return squared
+
+
+def path_shares(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
+    """‖ā_{i+1} P_p[i]‖_F / Σ_q ‖ā_{i+1} P_q[i]‖_F for every path p, (T,) each; 0 where no adjoint arrives."""
+    batch, size = adjoints.shape[1:]
+    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size * (len(rec.cell.path_names) + 1)))
+    flows: dict[str, list[Tensor]] = {}
+    for start in range(0, rec.steps, chunk):
+        window = slice(start, min(start + chunk, rec.steps))
+        v = adjoints[window].unsqueeze(-2)  # (C, B, 1, S)
+        for name, path in rec.jacobian_paths(steps=window).items():
+            flows.setdefault(name, []).append((v @ path).flatten(1).norm(dim=1))
+    norms = {name: torch.cat(parts) for name, parts in flows.items()}
+    total = torch.stack(list(norms.values())).sum(0)
+    safe = torch.where(total > 0, total, 1.0)
+    return rec.qualify({name: torch.where(total > 0, norm / safe, 0.0) for name, norm in norms.items()})

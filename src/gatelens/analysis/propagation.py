@@ -1,0 +1,147 @@
+"""Propagation: how ∂h_t/∂h_{t−ℓ} = J_t J_{t−1} ⋯ J_{t−ℓ+1} grows or decays with the lag ℓ.
+
+For each anchor index a (0-based, so t = a + 1) and every lag ℓ = 0..t, the singular values of the product
+Π_ℓ = ∂h_t/∂h_{t−ℓ} (Π_0 = I) are computed per sequence. The product is carried as a normalised matrix and an
+accumulated log-scale, Π_ℓ = exp(s_ℓ) · M_ℓ with ‖M_ℓ‖_F = 1, so it neither underflows nor overflows at any lag:
+
+    M_{ℓ+1} = M_ℓ J_{t−ℓ} / ‖M_ℓ J_{t−ℓ}‖_F,      s_{ℓ+1} = s_ℓ + log ‖M_ℓ J_{t−ℓ}‖_F,
+    log σ_j(Π_ℓ) = s_ℓ + log σ_j(M_ℓ).
+
+Singular values smaller than σ_1 times the dtype's precision are not resolved (they show as very negative or −inf).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gatelens.trace import Trace
+
+CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Propagation:
+    """Singular values of ∂h_t/∂h_{t−ℓ} for every anchor t and lag ℓ; build one with :func:`propagation`.
+
+    ``log_singular_values[a, ℓ, b, j]`` = log σ_j(∂h_t/∂h_{t−ℓ}) for sequence b, with t = anchors[a] + 1, in
+    descending order of j; NaN where ℓ > t (no such state) or beyond ``max_lag``.
+    """
+
+    recurrence: str
+    anchors: Tensor  # (A,) 0-based step indices, ascending
+    log_singular_values: Tensor  # (A, T+1, B, S)
+
+    @property
+    def log_norm(self) -> Tensor:
+        """log‖∂h_t/∂h_{t−ℓ}‖₂ (spectral), shape (A, T+1, B): lag along the second axis."""
+        return self.log_singular_values[..., 0]
+
+    @property
+    def log_frobenius(self) -> Tensor:
+        """log‖∂h_t/∂h_{t−ℓ}‖_F = ½ log Σ_j σ_j², shape (A, T+1, B)."""
+        return 0.5 * torch.logsumexp(2 * self.log_singular_values, dim=-1)
+
+    def singular_values(self, lag: int) -> Tensor:
+        """σ_j(∂h_t/∂h_{t−lag}) for every anchor and sequence, shape (A, B, S) (NaN where lag > t)."""
+        max_lag = self.log_singular_values.shape[1] - 1
+        if isinstance(lag, bool) or not isinstance(lag, (int, np.integer)) or not 0 <= lag <= max_lag:
+            raise ValueError(f"lag must be an int in 0..{max_lag}, got {lag!r}")
+        return self.log_singular_values[:, int(lag)].exp()
+
+    def horizon(self, eps: float = 1e-3) -> Tensor:
+        """The first lag ℓ at which ‖∂h_t/∂h_{t−ℓ}‖₂ < eps, per anchor and sequence (A, B); −1 if it never does."""
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+        below = self.log_norm < math.log(eps)  # NaN compares False
+        first = below.to(torch.int8).argmax(dim=1)
+        return torch.where(below.any(dim=1), first, -1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Anchors, log spectral and Frobenius norms by lag (NaN as None), ready for JSON."""
+
+        def listed(values: Tensor) -> list:
+            array = values.detach().cpu().double().numpy()
+            return np.where(np.isnan(array), None, array).tolist()
+
+        return {
+            "recurrence": self.recurrence,
+            "anchors": self.anchors.tolist(),
+            "log_norm": listed(self.log_norm),
+            "log_frobenius": listed(self.log_frobenius),
+        }
+
+
+def propagation(
+    trace: Trace,
+    anchors: int | Sequence[int] | Tensor | None = None,
+    *,
+    layer: int | None = None,
+    direction: str = "forward",
+    max_lag: int | None = None,
+) -> Propagation:
+    """Singular values of ∂h_t/∂h_{t−ℓ} for each anchor t = a + 1 and lag ℓ = 0..min(t, max_lag).
+
+    anchors: 0-based step indices in 0..T−1 (default: the last step). layer/direction choose the recurrence as in
+    :meth:`Trace.recurrence` (``layer=None``: the whole stack of a unidirectional model). All anchors share one
+    backward sweep: at each step the products of every anchor already reached take one more Jacobian.
+    """
+    rec = trace.recurrence(layer, direction)
+    steps = rec.steps
+    points = _anchors(anchors, steps)
+    limit = steps if max_lag is None else _max_lag(max_lag, steps)
+    batch, size = rec.states.shape[1:]
+    dtype, device = rec.states.dtype, rec.states.device
+    log_sv = torch.full((len(points), steps + 1, batch, size), math.nan, dtype=dtype, device=device)
+    log_sv[:, 0] = 0.0  # Π_0 = I
+    products = torch.eye(size, dtype=dtype, device=device).repeat(len(points), batch, 1, 1) / math.sqrt(size)
+    log_scale = torch.full((len(points), batch), 0.5 * math.log(size), dtype=dtype, device=device)
+    points_on = points.to(device)
+    lowest = max(0, int(points[0]) - limit + 1)
+    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size))
+    first = len(points)  # products[first:] belong to anchors already reached
+    for stop in range(int(points[-1]) + 1, lowest, -chunk):
+        start = max(lowest, stop - chunk)
+        jacobians = rec.jacobians(steps=slice(start, stop))
+        for step in reversed(range(start, stop)):
+            while first and int(points[first - 1]) >= step:
+                first -= 1
+            lags = points_on[first:] - step + 1
+            live = lags <= limit
+            if not bool(live.any()):
+                continue
+            product = products[first:] @ jacobians[step - start]
+            norm = product.flatten(-2).norm(dim=-1)
+            safe = torch.where(norm > 0, norm, 1.0)
+            products[first:] = product / safe[..., None, None]
+            log_scale[first:] += norm.log()
+            values = torch.linalg.svdvals(products[first:][live]).log() + log_scale[first:][live][..., None]
+            log_sv[first + torch.nonzero(live).flatten(), lags[live]] = values
+    return Propagation(recurrence=rec.name, anchors=points, log_singular_values=log_sv)
+
+
+def _anchors(anchors: Any, steps: int) -> Tensor:
+    """Anchors as a sorted, de-duplicated (A,) long tensor of step indices in 0..T−1."""
+    if anchors is None:
+        return torch.tensor([steps - 1])
+    values = torch.as_tensor(anchors).flatten() if not isinstance(anchors, (int, np.integer)) else None
+    if isinstance(anchors, (bool, np.bool_)) or (
+        values is not None and (values.dtype == torch.bool or values.is_floating_point() or values.numel() == 0)
+    ):
+        raise TypeError(f"anchors must be an int or a non-empty list of ints (0-based step indices), got {anchors!r}")
+    values = torch.tensor([int(anchors)]) if values is None else values.long().cpu()
+    if int(values.min()) < 0 or int(values.max()) >= steps:
+        raise ValueError(f"anchors must lie in 0..{steps - 1} (0-based step indices), got {values.tolist()}")
+    return torch.unique(values)
+
+
+def _max_lag(max_lag: Any, steps: int) -> int:
+    if isinstance(max_lag, bool) or not isinstance(max_lag, (int, np.integer)) or max_lag < 1:
+        raise ValueError(f"max_lag must be a positive int, got {max_lag!r}")
+    return min(int(max_lag), steps)
