@@ -266,14 +266,13 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
     """
     steps = rec.steps
     loss_steps = torch.nonzero(g.flatten(1).abs().amax(1) > 0).flatten()
-    is_loss_step = torch.zeros(steps, dtype=torch.bool)
-    is_loss_step[loss_steps.cpu()] = True
+    loss_steps_cpu = loss_steps.tolist()
     chains = g.new_zeros(len(loss_steps), *g.shape[1:])
-    sums: dict[str, Tensor] = {}
+    sums = LagSums(steps)
     norms: dict[str, Tensor] = {}
     first = len(loss_steps)  # chains[first:] are the active ones
     for step in reversed(range(steps)):
-        if is_loss_step[step]:
+        if first and loss_steps_cpu[first - 1] == step:
             first -= 1
             chains[first] = g[step]
         if first == len(loss_steps):
@@ -281,11 +280,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
         active = chains[first:]
         factors = rec.param_factors(active, steps=step)
         if lag_sums:
-            lags = loss_steps[first:] - step
-            for name, contribution in chain_contributions(factors).items():
-                if name not in sums:
-                    sums[name] = contribution.new_zeros(steps, *contribution.shape[1:])
-                sums[name].index_add_(0, lags, contribution)
+            sums.add(loss_steps[first:] - step, loss_steps_cpu[first] - step, loss_steps_cpu[-1] - step, factors)
         if pair_norms:
             for name, squared in chain_norms_squared(factors).items():
                 if name not in norms:
@@ -293,31 +288,70 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
                 norms[name][loss_steps[first:], step] = squared.clamp_min(0).sqrt()
         if step:
             chains[first:] = rec.state_vjp(active, steps=step)
-    return ChainSweep(lag_sums=sums, pair_norms=norms)
+    sums.flush()
+    return ChainSweep(lag_sums=sums.sums, pair_norms=norms)
 
 
-def _grouped(factors: dict[str, Factor]) -> list[tuple[Tensor, list[tuple[str, Tensor | None]]]]:
+Group = tuple[Tensor, list[tuple[str, Tensor | None]]]
+
+
+def _grouped(factors: dict[str, Factor]) -> list[Group]:
     """Blocks grouped by their shared adjoint tensor (one pre-activation feeds several blocks)."""
-    groups: dict[int, tuple[Tensor, list[tuple[str, Tensor | None]]]] = {}
+    groups: dict[int, Group] = {}
     for name, factor in factors.items():
         groups.setdefault(id(factor.adjoint), (factor.adjoint, []))[1].append((name, factor.inputs))
     return list(groups.values())
 
 
-def chain_contributions(factors: dict[str, Factor]) -> dict[str, Tensor]:
-    """Per chain, Σ_b δ_bᵀ ⊗ u_b (a bias: Σ_b δ_b): (chains, *shape) per block.
+class LagSums:
+    """Σ_{t−k=τ} C(t, k) per block, shape (T, *shape), accumulated from the chains' factors step by step.
 
-    Blocks sharing an adjoint δ (chains, B, rows) are done in one product with their inputs side by side
-    (a bias's input is a column of ones).
+    One step's contributions Σ_b δ_bᵀ ⊗ u_b contract over the batch only. Buffering C steps and laying their
+    adjoints out by lag, D[τ, (j, b)] = δ_b of the chain whose lag is τ at buffered step j, turns the update into
+    one product per group of blocks that contracts over C·B at once:  sums[τ] += D[τ]ᵀ U,  U[(j, b)] = u_b at
+    step j (a column of ones for a bias). Blocks sharing an adjoint share the product, inputs side by side.
     """
-    contributions = {}
-    for adjoint, members in _grouped(factors):
-        ones = adjoint.new_ones(adjoint.shape[-2], 1)
-        columns = [ones if inputs is None else inputs for _, inputs in members]
-        products = adjoint.mT @ torch.cat(columns, dim=-1)
-        for (name, inputs), part in zip(members, products.split([c.shape[-1] for c in columns], dim=-1)):
-            contributions[name] = part.squeeze(-1) if inputs is None else part
-    return contributions
+
+    def __init__(self, steps: int, budget: int = CHUNK_ELEMENTS) -> None:
+        self.steps = steps
+        self.budget = budget  # elements of buffered adjoints before a flush
+        self.sums: dict[str, Tensor] = {}
+        self.pending: list[tuple[Tensor, int, int, list[Group]]] = []
+        self.pending_elements = 0
+
+    def add(self, lags: Tensor, low: int, high: int, factors: dict[str, Factor]) -> None:
+        """Buffer one step: chains with lags ``lags`` (ascending, from ``low`` to ``high``) and their factors."""
+        groups = _grouped(factors)
+        size = (high + 1 - low) * sum(adjoint[0].numel() for adjoint, _ in groups)
+        if self.pending and self.pending_elements + size > self.budget:
+            self.flush()
+        self.pending.append((lags, low, high, groups))
+        self.pending_elements += size
+
+    def flush(self) -> None:
+        """Contract the buffered steps into the sums."""
+        if not self.pending:
+            return
+        low = min(item[1] for item in self.pending)
+        high = max(item[2] for item in self.pending)
+        for index, (first_adjoint, members) in enumerate(self.pending[0][3]):
+            batch, rows = first_adjoint.shape[-2:]
+            by_lag = first_adjoint.new_zeros(high + 1 - low, len(self.pending), batch, rows)
+            inputs = []
+            for position, (lags, _, _, groups) in enumerate(self.pending):
+                adjoint, step_members = groups[index]
+                by_lag[lags - low, position] = adjoint
+                ones = adjoint.new_ones(batch, 1)
+                inputs.append(torch.cat([ones if u is None else u for _, u in step_members], dim=-1))
+            products = by_lag.flatten(1, 2).mT @ torch.stack(inputs).flatten(0, 1)  # (lags, rows, columns)
+            widths = [1 if u is None else u.shape[-1] for _, u in members]
+            for (name, u), part in zip(members, products.split(widths, dim=-1)):
+                part = part.squeeze(-1) if u is None else part
+                if name not in self.sums:
+                    self.sums[name] = part.new_zeros(self.steps, *part.shape[1:])
+                self.sums[name][low : high + 1] += part
+        self.pending.clear()
+        self.pending_elements = 0
 
 
 def chain_norms_squared(factors: dict[str, Factor]) -> dict[str, Tensor]:
