@@ -42,7 +42,8 @@ from gatelens.cells.base import Factor, check_choice
 from gatelens.trace import DIRECTIONS, Recurrence, Trace
 
 LOSSES = ("last", "all")
-CHUNK_ELEMENTS = 1 << 24  # elements per chunk of per-step Jacobian paths (64 MiB in float32)
+CHUNK_ELEMENTS = 1 << 24  # elements per buffered chunk of work (64 MiB in float32)
+JACOBIAN_CHAINS = 4  # from this many active chains on, forming the step's Jacobian beats the state VJP
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,24 +262,25 @@ class ChainSweep:
 def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norms: bool = False) -> ChainSweep:
     """One backward sweep carrying a chain a_{t,k} = g_t J_t ⋯ J_{k+1} for every loss step t with g_t ≠ 0.
 
-    At step k the chains of every t ≥ k are one stacked (chains, B, S) tensor: their contributions C(t, k) are
-    contracted from the step's parameter factors, then all of them move to k − 1 through one state VJP.
+    At step k the chains of every t ≥ k are one stacked tensor: their contributions C(t, k) are contracted from
+    the step's parameter factors, then all of them move to k − 1 at once, through the step's Jacobian (formed
+    for this step only, one batched product) when there are many chains, or through the state VJP when few.
     """
     steps = rec.steps
     loss_steps = torch.nonzero(g.flatten(1).abs().amax(1) > 0).flatten()
     loss_steps_cpu = loss_steps.tolist()
-    chains = g.new_zeros(len(loss_steps), *g.shape[1:])
+    chains = g.new_zeros(g.shape[1], 0, g.shape[2])  # (B, active chains, S), ordered by loss step
     sums = LagSums(steps)
     norms: dict[str, Tensor] = {}
-    first = len(loss_steps)  # chains[first:] are the active ones
+    first = len(loss_steps)  # the active chains belong to loss_steps[first:]
     for step in reversed(range(steps)):
         if first and loss_steps_cpu[first - 1] == step:
             first -= 1
-            chains[first] = g[step]
+            chains = torch.cat([g[step].unsqueeze(1), chains], dim=1)
         if first == len(loss_steps):
             continue
-        active = chains[first:]
-        factors = rec.param_factors(active, steps=step)
+        active = chains.transpose(0, 1)  # (chains, B, S), a view
+        factors = rec.param_factors(active, steps=step)  # kept by LagSums: chains is never written in place
         if lag_sums:
             sums.add(loss_steps[first:] - step, loss_steps_cpu[first] - step, loss_steps_cpu[-1] - step, factors)
         if pair_norms:
@@ -286,8 +288,12 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
                 if name not in norms:
                     norms[name] = squared.new_zeros(steps, steps)
                 norms[name][loss_steps[first:], step] = squared.clamp_min(0).sqrt()
-        if step:
-            chains[first:] = rec.state_vjp(active, steps=step)
+        if not step:
+            break
+        if chains.shape[1] >= JACOBIAN_CHAINS:
+            chains = chains @ rec.jacobians(steps=step)
+        else:
+            chains = rec.state_vjp(active, steps=step).transpose(0, 1)
     sums.flush()
     return ChainSweep(lag_sums=sums.sums, pair_norms=norms)
 
@@ -307,51 +313,84 @@ class LagSums:
     """Σ_{t−k=τ} C(t, k) per block, shape (T, *shape), accumulated from the chains' factors step by step.
 
     One step's contributions Σ_b δ_bᵀ ⊗ u_b contract over the batch only. Buffering C steps and laying their
-    adjoints out by lag, D[τ, (j, b)] = δ_b of the chain whose lag is τ at buffered step j, turns the update into
-    one product per group of blocks that contracts over C·B at once:  sums[τ] += D[τ]ᵀ U,  U[(j, b)] = u_b at
-    step j (a column of ones for a bias). Blocks sharing an adjoint share the product, inputs side by side.
+    adjoints out by lag, D[(j, b), τ] = δ_b of the chain whose lag is τ at buffered step j, turns the update into
+    one matrix product per group of blocks that contracts over C·B at once:
+
+        sums[:, τ] += Uᵀ D[:, τ],      U[(j, b)] = u_b at step j (a column of ones for a bias),
+
+    with the blocks that share an adjoint side by side in U. Steps are buffered while D stays within ``budget``
+    elements and at least half full (sparse loss steps leave most of D empty).
     """
 
     def __init__(self, steps: int, budget: int = CHUNK_ELEMENTS) -> None:
         self.steps = steps
-        self.budget = budget  # elements of buffered adjoints before a flush
-        self.sums: dict[str, Tensor] = {}
+        self.budget = budget
+        self.group_sums: list[Tensor] = []  # per group of blocks: (Σ columns, T, rows)
+        self.members: list[list[tuple[str, Tensor | None]]] = []
         self.pending: list[tuple[Tensor, int, int, list[Group]]] = []
-        self.pending_elements = 0
+        self.low = self.high = 0
+        self.filled = 0  # lags held by the buffered steps
 
     def add(self, lags: Tensor, low: int, high: int, factors: dict[str, Factor]) -> None:
         """Buffer one step: chains with lags ``lags`` (ascending, from ``low`` to ``high``) and their factors."""
         groups = _grouped(factors)
-        size = (high + 1 - low) * sum(adjoint[0].numel() for adjoint, _ in groups)
-        if self.pending and self.pending_elements + size > self.budget:
-            self.flush()
+        if self.pending:
+            span = max(high, self.high) + 1 - min(low, self.low)
+            cells = (len(self.pending) + 1) * span
+            width = sum(adjoint[0].numel() for adjoint, _ in groups)
+            if cells * width > self.budget or cells > 2 * (self.filled + len(lags)):
+                self.flush()
+        if not self.pending:
+            self.low, self.high = low, high
+        self.low, self.high = min(low, self.low), max(high, self.high)
         self.pending.append((lags, low, high, groups))
-        self.pending_elements += size
+        self.filled += len(lags)
 
     def flush(self) -> None:
         """Contract the buffered steps into the sums."""
         if not self.pending:
             return
-        low = min(item[1] for item in self.pending)
-        high = max(item[2] for item in self.pending)
+        span = self.high + 1 - self.low
         for index, (first_adjoint, members) in enumerate(self.pending[0][3]):
             batch, rows = first_adjoint.shape[-2:]
-            by_lag = first_adjoint.new_zeros(high + 1 - low, len(self.pending), batch, rows)
+            by_lag = first_adjoint.new_empty(len(self.pending), batch, span, rows)
             inputs = []
-            for position, (lags, _, _, groups) in enumerate(self.pending):
+            for position, (lags, low, high, groups) in enumerate(self.pending):
                 adjoint, step_members = groups[index]
-                by_lag[lags - low, position] = adjoint
+                _place(by_lag[position], adjoint.transpose(0, 1), lags - self.low, low - self.low, high - self.low)
                 ones = adjoint.new_ones(batch, 1)
                 inputs.append(torch.cat([ones if u is None else u for _, u in step_members], dim=-1))
-            products = by_lag.flatten(1, 2).mT @ torch.stack(inputs).flatten(0, 1)  # (lags, rows, columns)
-            widths = [1 if u is None else u.shape[-1] for _, u in members]
-            for (name, u), part in zip(members, products.split(widths, dim=-1)):
-                part = part.squeeze(-1) if u is None else part
-                if name not in self.sums:
-                    self.sums[name] = part.new_zeros(self.steps, *part.shape[1:])
-                self.sums[name][low : high + 1] += part
+            stacked = torch.stack(inputs).flatten(0, 1)  # (C·B, Σ columns)
+            if len(self.group_sums) <= index:
+                self.group_sums.append(stacked.new_zeros(stacked.shape[-1], self.steps, rows))
+                self.members.append(members)
+            window = self.group_sums[index][:, self.low : self.high + 1].flatten(1)  # a view: (Σ columns, span·rows)
+            window.addmm_(stacked.T, by_lag.view(-1, span * rows))
         self.pending.clear()
-        self.pending_elements = 0
+        self.filled = 0
+
+    @property
+    def sums(self) -> dict[str, Tensor]:
+        """The sums by block name: (T, rows, columns), or (T, rows) for a bias."""
+        sums = {}
+        for group_sums, members in zip(self.group_sums, self.members):
+            widths = [1 if u is None else u.shape[-1] for _, u in members]
+            for (name, u), part in zip(members, group_sums.split(widths)):
+                sums[name] = part[0] if u is None else part.permute(1, 2, 0).contiguous()
+        return sums
+
+
+def _place(target: Tensor, values: Tensor, positions: Tensor, first: int, last: int) -> None:
+    """target[:, positions] = values and zero elsewhere along dim 1, for ascending positions from ``first`` to
+    ``last``; when they are a contiguous run this is a slice copy with only the margins zeroed."""
+    start, end = first, last + 1
+    if end - start == values.shape[1]:
+        target[:, :start] = 0
+        target[:, start:end] = values
+        target[:, end:] = 0
+    else:
+        target.zero_()
+        target.index_copy_(1, positions, values)
 
 
 def chain_norms_squared(factors: dict[str, Factor]) -> dict[str, Tensor]:

@@ -1,0 +1,253 @@
+"""Credit maps: gatelens vs an autograd oracle, core throughput vs GEMM, time vs T, and a long streamed run.
+
+    python benchmarks/bench_credit.py oracle   [--steps 256] [--hidden 64] [--batch 4]
+    python benchmarks/bench_credit.py gflops   [--steps 1024] [--hidden 64] [--batch 4]
+    python benchmarks/bench_credit.py scaling  [--hidden 64] [--batch 4] [--lengths 256 512 1024 2048 4096]
+    python benchmarks/bench_credit.py stream   [--steps 16384] [--hidden 128] [--batch 8] [--loss last]
+
+All runs use a one-layer ``nn.GRU`` (float32 unless ``--dtype float64``) with I = 8 inputs, random weights and inputs,
+and a gradient at every output (many-to-many) unless stated; ``--device cuda`` runs on a GPU.
+
+- oracle: the all-pairs credit map (norms, by_lag, by_source, total) against the oracle a user would write with
+  autograd: every step gets its own copy of the parameters (``torch.func.functional_call`` of ``nn.GRUCell``),
+  and one backward pass per loss step t gives every contribution C(t, k). Results are compared before timing.
+- gflops: the all-pairs sweep's matrix-product FLOPs (counted by ``torch.utils.flop_counter``; elementwise work is
+  not counted) per second, beside ``torch.matmul`` on 2048 × 2048 matrices measured in the same run.
+- scaling: time vs T for many-to-one (total, by_source, by_lag) and all pairs (by_lag, norms); prints the
+  exponent p of a least-squares fit time ∝ T^p.
+- stream: total, by_source and by_lag for one long sequence batch in a fresh process; prints the peak memory
+  (resident set size, or CUDA's peak allocation) beside the size all Jacobians would take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import gatelens as gl
+
+INPUTS = 8
+GATES = ("r", "z", "n")
+
+
+def timed(function: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall time of one run (synchronising a GPU) and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def setup(steps: int, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A GRU, its trace on random inputs, and random output gradients at every step."""
+    torch.manual_seed(seed)
+    gru = torch.nn.GRU(INPUTS, hidden).to(device=device, dtype=dtype)
+    x = torch.randn(steps, batch, INPUTS, device=device, dtype=dtype)
+    trace = gl.load(gru).trace(x)
+    out_grads = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
+    return gru, x, trace, out_grads
+
+
+def full_map(trace: gl.Trace, out_grads: torch.Tensor) -> gl.CreditMap:
+    cm = gl.credit(trace, out_grads)
+    for field in ("total", "by_source", "by_lag", "norms"):
+        getattr(cm, field)
+    return cm
+
+
+def autograd_oracle(gru: torch.nn.GRU, x: torch.Tensor, out_grads: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """C(t, k) for every pair from autograd: per-step parameter copies, one backward pass per loss step."""
+    cell = torch.nn.GRUCell(gru.input_size, gru.hidden_size).to(device=x.device, dtype=x.dtype)
+    base = {name: getattr(gru, f"{name}_l0").detach() for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    steps, hidden = x.shape[0], gru.hidden_size
+    copies = [{name: value.clone().requires_grad_() for name, value in base.items()} for _ in range(steps)]
+    h = x.new_zeros(x.shape[1], hidden)
+    states = []
+    for step in range(steps):
+        h = torch.func.functional_call(cell, copies[step], (x[step], h))
+        states.append(h)
+    blocks = [f"{kind}_{side}{gate}" for kind in ("W", "b") for side in "ih" for gate in GATES]
+    norms = {name: x.new_zeros(steps, steps) for name in blocks}
+    lag_sums: dict[str, torch.Tensor] = {}
+    for t in range(steps):
+        wanted = [copies[k][name] for k in range(t + 1) for name in base]
+        grads = torch.autograd.grad((states[t] * out_grads[t]).sum(), wanted, retain_graph=True)
+        for k in range(t + 1):
+            per_block = dict(zip(base, grads[4 * k : 4 * k + 4]))
+            for index, gate in enumerate(GATES):
+                rows = slice(index * hidden, (index + 1) * hidden)
+                for kind, side, tensor in (
+                    ("W", "i", per_block["weight_ih"]),
+                    ("W", "h", per_block["weight_hh"]),
+                    ("b", "i", per_block["bias_ih"]),
+                    ("b", "h", per_block["bias_hh"]),
+                ):
+                    name = f"{kind}_{side}{gate}"
+                    part = tensor[rows]
+                    norms[name][t, k] = part.norm()
+                    lag_sums.setdefault(name, x.new_zeros(steps, *part.shape))[t - k] += part
+    return {"norms": norms, "by_lag": {name: s.flatten(1).norm(dim=1) for name, s in lag_sums.items()}}
+
+
+def run_oracle(args: argparse.Namespace) -> dict[str, Any]:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gru, x, trace, out_grads = setup(args.steps, args.hidden, args.batch, dtype, device)
+    ours_time, cm = timed(lambda: full_map(trace, out_grads), device)
+    oracle_time, oracle = timed(lambda: autograd_oracle(gru, x, out_grads), device)
+    worst = 0.0
+    for field in ("norms", "by_lag"):
+        for name, expected in oracle[field].items():
+            got = getattr(cm, field)[f"l0.{name}"]
+            worst = max(worst, ((got - expected).abs().max() / expected.abs().max()).item())
+    if worst > (1e-3 if dtype == torch.float32 else 1e-10):
+        raise SystemExit(f"gatelens and the oracle disagree: relative error {worst:.1e}")
+    return {
+        "gatelens_s": ours_time,
+        "oracle_s": oracle_time,
+        "speedup": oracle_time / ours_time,
+        "max_relative_difference": worst,
+    }
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timed(lambda: a @ b, device)
+    best = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def run_gflops(args: argparse.Namespace) -> dict[str, Any]:
+    from gatelens.analysis.credit import chain_sweep
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    _, _, trace, out_grads = setup(args.steps, args.hidden, args.batch, dtype, device)
+    rec, g = gl.credit(trace, out_grads).streams[0]
+
+    def sweep() -> Any:
+        return chain_sweep(rec, g, lag_sums=True, pair_norms=True)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        sweep()
+    flops = counter.get_total_flops()
+    seconds = min(timed(sweep, device)[0] for _ in range(2))
+    core = flops / seconds / 1e9
+    gemm = gemm_gflops(device, dtype)
+    return {"matmul_flops": flops, "sweep_s": seconds, "core_gflops": core, "gemm_gflops": gemm, "share": core / gemm}
+
+
+def fitted_exponent(lengths: list[int], seconds: list[float]) -> float:
+    """Slope of log(time) against log(T) by least squares."""
+    xs, ys = [math.log(n) for n in lengths], [math.log(s) for s in seconds]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rows = []
+    for steps in args.lengths:
+        _, _, trace, out_grads = setup(steps, args.hidden, args.batch, dtype, device)
+        last = torch.zeros_like(out_grads)
+        last[-1] = out_grads[-1]
+
+        def many_to_one() -> None:
+            cm = gl.credit(trace, last)
+            cm.total, cm.by_source, cm.by_lag  # noqa: B018 - computing them is the point
+
+        def all_pairs() -> None:
+            cm = gl.credit(trace, out_grads)
+            cm.by_lag, cm.norms  # noqa: B018
+
+        rows.append(
+            {"T": steps, "many_to_one_s": timed(many_to_one, device)[0], "all_pairs_s": timed(all_pairs, device)[0]}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return {
+        "rows": rows,
+        "many_to_one_exponent": fitted_exponent(args.lengths, [r["many_to_one_s"] for r in rows]),
+        "all_pairs_exponent": fitted_exponent(args.lengths, [r["all_pairs_s"] for r in rows]),
+    }
+
+
+def run_stream(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the long case in a fresh process so that its peak memory is its own."""
+    command = [sys.executable, __file__, "_stream_child", *sys.argv[2:]]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def stream_child(args: argparse.Namespace) -> dict[str, Any]:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    _, _, trace, out_grads = setup(args.steps, args.hidden, args.batch, dtype, device)
+    if args.loss == "last":
+        out_grads[:-1] = 0
+    seconds = {}
+    cm = gl.credit(trace, out_grads)
+    for field in ("total", "by_source", "by_lag"):
+        seconds[field] = timed(lambda field=field: getattr(cm, field), device)[0]
+    element = torch.finfo(dtype).bits // 8
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "T": args.steps,
+        "H": args.hidden,
+        "B": args.batch,
+        "loss": args.loss,
+        "seconds": seconds,
+        "peak_memory_GiB": peak / 2**30,
+        "all_jacobians_would_take_GiB": args.steps * args.batch * args.hidden**2 * element / 2**30,
+        "by_source_and_by_lag_results_GiB": 2 * sum(v.numel() for v in cm.by_source.values()) * element / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["oracle", "gflops", "scaling", "stream", "_stream_child"])
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--loss", choices=["last", "all"], default="last")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    defaults = {
+        "oracle": (256, 64, 4),
+        "gflops": (1024, 64, 4),
+        "scaling": (0, 64, 4),
+        "stream": (16384, 128, 8),
+        "_stream_child": (16384, 128, 8),
+    }[args.what]
+    for name, value in zip(("steps", "hidden", "batch"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    runner = {
+        "oracle": run_oracle,
+        "gflops": run_gflops,
+        "scaling": run_scaling,
+        "stream": run_stream,
+        "_stream_child": stream_child,
+    }[args.what]
+    print(json.dumps(runner(args), indent=None if args.what == "_stream_child" else 2))
+
+
+if __name__ == "__main__":
+    main()
