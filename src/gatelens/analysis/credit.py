@@ -86,7 +86,7 @@ class CreditMap:
         sums: dict[str, Tensor] = {}
         for rec, g in self.streams:
             sums |= chain_sweep(rec, g, lag_sums=True).lag_sums
-        return {name: total.flatten(1).norm(dim=1) for name, total in sums.items()}
+        return {name: torch.linalg.vector_norm(total, dim=tuple(range(1, total.dim()))) for name, total in sums.items()}
 
     @cached_property
     def norms(self) -> dict[str, Tensor]:
@@ -316,10 +316,10 @@ class LagSums:
     adjoints out by lag, D[(j, b), τ] = δ_b of the chain whose lag is τ at buffered step j, turns the update into
     one matrix product per group of blocks that contracts over C·B at once:
 
-        sums[:, τ] += Uᵀ D[:, τ],      U[(j, b)] = u_b at step j (a column of ones for a bias),
+        sums[τ]ᵀ += Uᵀ D[:, τ],      U[(j, b)] = u_b at step j (a column of ones for a bias),
 
     with the blocks that share an adjoint side by side in U. Steps are buffered while D stays within ``budget``
-    elements and at least half full (sparse loss steps leave most of D empty).
+    elements and more than half full (sparse loss steps would leave most of D empty).
     """
 
     def __init__(self, steps: int, budget: int = CHUNK_ELEMENTS) -> None:
@@ -338,7 +338,7 @@ class LagSums:
             span = max(high, self.high) + 1 - min(low, self.low)
             cells = (len(self.pending) + 1) * span
             width = sum(adjoint[0].numel() for adjoint, _ in groups)
-            if cells * width > self.budget or cells > 2 * (self.filled + len(lags)):
+            if cells * width > self.budget or cells >= 2 * (self.filled + len(lags)):
                 self.flush()
         if not self.pending:
             self.low, self.high = low, high
@@ -353,30 +353,41 @@ class LagSums:
         span = self.high + 1 - self.low
         for index, (first_adjoint, members) in enumerate(self.pending[0][3]):
             batch, rows = first_adjoint.shape[-2:]
-            by_lag = first_adjoint.new_empty(len(self.pending), batch, span, rows)
             inputs = []
-            for position, (lags, low, high, groups) in enumerate(self.pending):
+            for _, _, _, groups in self.pending:
                 adjoint, step_members = groups[index]
-                _place(by_lag[position], adjoint.transpose(0, 1), lags - self.low, low - self.low, high - self.low)
                 ones = adjoint.new_ones(batch, 1)
                 inputs.append(torch.cat([ones if u is None else u for _, u in step_members], dim=-1))
-            stacked = torch.stack(inputs).flatten(0, 1)  # (C·B, Σ columns)
+            stacked = torch.cat(inputs)  # U: (C·B, Σ columns)
             if len(self.group_sums) <= index:
                 self.group_sums.append(stacked.new_zeros(stacked.shape[-1], self.steps, rows))
                 self.members.append(members)
             window = self.group_sums[index][:, self.low : self.high + 1].flatten(1)  # a view: (Σ columns, span·rows)
-            window.addmm_(stacked.T, by_lag.view(-1, span * rows))
+            window.addmm_(stacked.T, self._by_lag(index, span))
         self.pending.clear()
         self.filled = 0
 
+    def _by_lag(self, index: int, span: int) -> Tensor:
+        """D for group ``index``: (C·B, span·rows), row (j, b) holding step j's adjoints placed by lag."""
+        if len(self.pending) == 1 and self.pending[0][0].numel() == span:  # one step, lags low..high: D = δ
+            adjoint = self.pending[0][3][index][0]
+            return adjoint.transpose(0, 1).reshape(adjoint.shape[1], -1)
+        first_adjoint = self.pending[0][3][index][0]
+        batch, rows = first_adjoint.shape[-2:]
+        by_lag = first_adjoint.new_empty(len(self.pending), batch, span, rows)
+        for position, (lags, low, high, groups) in enumerate(self.pending):
+            adjoint = groups[index][0]
+            _place(by_lag[position], adjoint.transpose(0, 1), lags - self.low, low - self.low, high - self.low)
+        return by_lag.view(len(self.pending) * batch, span * rows)
+
     @property
     def sums(self) -> dict[str, Tensor]:
-        """The sums by block name: (T, rows, columns), or (T, rows) for a bias."""
+        """The sums by block name: (T, rows, columns), or (T, rows) for a bias (views of the group sums)."""
         sums = {}
         for group_sums, members in zip(self.group_sums, self.members):
             widths = [1 if u is None else u.shape[-1] for _, u in members]
             for (name, u), part in zip(members, group_sums.split(widths)):
-                sums[name] = part[0] if u is None else part.permute(1, 2, 0).contiguous()
+                sums[name] = part[0] if u is None else part.permute(1, 2, 0)
         return sums
 
 
