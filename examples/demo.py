@@ -1,7 +1,9 @@
 """gatelens demo: load a PyTorch GRU, trace it, and show which Jacobian paths carry the gradient.
 
 Run with `make demo`. The path share of path p at one step is ‖P_p‖_F / Σ_q ‖P_q‖_F (Frobenius norms of the
-named terms of J = ∂h_t/∂h_{t-1}), averaged over steps and sequences.
+named terms of J = ∂h_t/∂h_{t-1}), averaged over steps and sequences. The demo also answers the seed's blocking
+question with a credit map (where ∂L/∂W_iz comes from when z ≈ r ≈ 0 at one step) and prints the traced GRU's
+gradient horizon (propagation).
 """
 
 from __future__ import annotations
@@ -84,6 +86,30 @@ def main() -> None:
             case, *(f"{torch.linalg.matrix_norm(m).max():.2e}" for m in (jacobian - eye, jacobian, jacobian - elman))
         )
     console.print(seed_table)
+    blocking_credit(console)
+
+    horizon = gl.propagation(trace).horizon(eps=1e-2)  # the stack, from the last step back
+    console.print(f"gradient horizon of the 2-layer GRU (‖∂h_T/∂h_(T−ℓ)‖₂ < 1e-2) per sequence: {horizon[0].tolist()}")
+
+
+def blocking_credit(console: Console, steps: int = 20, blocked: int = 10) -> None:
+    """The seed's question: a step with z ≈ r ≈ 0 on every unit; where does ∂L/∂W_iz still come from?"""
+    cell = gl.GRU.random(4, 8, seed=1, dtype=torch.float64)
+    weights = {name: w.clone() for name, w in cell.weights.items()}
+    weights["W_iz"][:, 0] = weights["W_ir"][:, 0] = -60.0  # input feature 0 drives z and r to 0 …
+    x = torch.randn(steps, 4, 4, dtype=torch.float64)
+    x[:, :, 0] = 0.0
+    x[blocked, :, 0] = 1.0  # … at one step only
+    trace = gl.load(gl.GRU(weights)).trace(x)
+    table = Table(title=f"Credit for ∂L/∂W_iz with z ≈ r ≈ 0 at step {blocked + 1} of {steps}")
+    for column in ("loss", "‖∂L/∂W_iz‖", f"share from source steps ≤ {blocked}"):
+        table.add_column(column, justify="right")
+    for loss, targets in (("last", torch.zeros(4, 8)), ("all", torch.zeros(steps, 4, 8))):
+        cm = gl.credit(trace, loss=loss, targets=targets.double())
+        per_source = cm.by_source["l0.W_iz"].flatten(1).norm(dim=1)
+        share = (per_source[:blocked].sum() / per_source.sum()).item()
+        table.add_row(loss, f"{cm.total['l0.W_iz'].norm():.3e}", f"{share:.1%}")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -600,3 +600,48 @@ def test_loss_fn_that_is_not_a_scalar(trace: gl.Trace) -> None:
             targets=torch.zeros(T, B, 4, dtype=F64),
             loss_fn=lambda p, y: nn.functional.mse_loss(p, y, reduction="none"),
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# path shares against the adjoints autograd gives, and devices
+
+
+def test_path_shares_use_the_adjoint_autograd_gives() -> None:
+    """share_p[i] = ‖ā_i P_p[i]‖ / Σ_q ‖ā_i P_q[i]‖ with ā_i = ∂L/∂h_{i+1} taken from autograd through nn.GRUCell."""
+    torch.manual_seed(3)
+    gru = nn.GRU(I, 5).double()
+    cell = nn.GRUCell(I, 5).double()
+    cell.load_state_dict({name.removesuffix("_l0"): value for name, value in gru.state_dict().items()})
+    x, g = _randn(T, B, I, seed=6), _randn(T, B, 5, seed=7)
+    h = torch.zeros(B, 5, dtype=F64)
+    states = []
+    for step in range(T):
+        h = cell(x[step], h)
+        h.retain_grad()
+        states.append(h)
+    sum((state * g[step]).sum() for step, state in enumerate(states)).backward()
+    adjoints = torch.stack([state.grad for state in states])  # (T, B, H)
+    trace = gl.load(gru).trace(x)
+    paths = trace.jacobian_paths()
+    flows = {name: (adjoints.unsqueeze(-2) @ path).flatten(1).norm(dim=1) for name, path in paths.items()}
+    total = sum(flows.values())
+    shares = gl.credit(trace, g).path_shares
+    assert set(shares) == {f"l0.{name}" for name in flows}
+    for name, flow in flows.items():
+        assert relative_error(shares[f"l0.{name}"], flow / total) <= TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_credit_and_propagation_on_cuda_equal_cpu() -> None:
+    gru = nn.GRU(I, 4, num_layers=2).double()
+    x, g = _randn(T, B, I, seed=8), _randn(T, B, 4, seed=9)
+    cpu = gl.load(gru).trace(x, lengths=LENGTHS)
+    cuda = gl.load(gru).trace(x.cuda(), lengths=LENGTHS)
+    on_cpu, on_cuda = gl.credit(cpu, g), gl.credit(cuda, g.cuda())
+    for field in ("total", "by_source", "by_lag", "norms", "path_shares"):
+        for name, value in getattr(on_cpu, field).items():
+            got = getattr(on_cuda, field)[name]
+            assert got.device.type == "cuda"
+            assert relative_error(got.cpu(), value) <= TOL
+    spectra = [gl.propagation(t, anchors=[2, 5]).log_singular_values for t in (cpu, cuda)]
+    assert torch.allclose(spectra[1].cpu(), spectra[0], equal_nan=True)
