@@ -28,28 +28,16 @@ import math
 import resource
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from timing import timed
 from torch.utils.flop_counter import FlopCounterMode
 
 import gatelens as gl
 
 INPUTS = 8
 GATES = ("r", "z", "n")
-
-
-def timed(function: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Wall time of one run (synchronising a GPU) and its result."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
 
 
 def setup(steps: int, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):

@@ -10,28 +10,12 @@ before it is timed. Prints the best-of-N times and the ratios.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from timing import best_time
 from torch.func import jacrev, vmap
 
 import gatelens as gl
-
-
-def best_time(function: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Best wall time of ``repeats`` runs (after one warm-up run), and the last result."""
-    result = function()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main() -> None:

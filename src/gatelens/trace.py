@@ -140,19 +140,19 @@ class Recurrence:
 
     def param_vjp(self, v: Tensor, steps: Steps = None) -> dict[str, Tensor]:
         """v · ∂⁺h_{i+1}/∂θ for every weight block, summed over the batch, keyed by the model's block names."""
-        cache, mask, lead = self._select(steps)
-        self._check_adjoint(v, lead)
-        if mask is not None:
-            v = torch.where(mask[..., None], v, 0.0)
+        cache, v = self._parameter_adjoint(v, steps)
         return self.qualify(self.cell.param_vjp(cache, v))
 
     def param_factors(self, v: Tensor, steps: Steps = None) -> dict[str, Factor]:
         """:meth:`param_vjp` in factored form (see :class:`~gatelens.cells.Factor`), zero on padded steps."""
+        cache, v = self._parameter_adjoint(v, steps)
+        return self.qualify(self.cell.param_factors(cache, v))
+
+    def _parameter_adjoint(self, v: Tensor, steps: Steps) -> tuple[Any, Tensor]:
+        """The chosen steps' cache and v, zeroed on padded steps (they contribute to no parameter)."""
         cache, mask, lead = self._select(steps)
         self._check_adjoint(v, lead)
-        if mask is not None:
-            v = torch.where(mask[..., None], v, 0.0)
-        return self.qualify(self.cell.param_factors(cache, v))
+        return cache, v if mask is None else torch.where(mask[..., None], v, 0.0)
 
     def qualify(self, blocks: dict[str, Any]) -> dict[str, Any]:
         """Key by the model's block names (``l0.W_hz``); a stack's cell already qualifies them."""

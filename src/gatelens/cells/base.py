@@ -140,9 +140,11 @@ class Cell(ABC):
 
     def jacobian(self, cache: Any) -> Tensor:
         """J = ∂s'/∂s, shape (..., S, S): the sum of :meth:`jacobian_paths`."""
-        paths = iter(self.jacobian_paths(cache).values())
-        total = next(paths).clone()
-        for term in paths:
+        first, *others = self.jacobian_paths(cache).values()
+        if not others:
+            return first
+        total = first + others[0]
+        for term in others[1:]:
             total += term
         return total
 

@@ -160,22 +160,34 @@ class GRU(Cell):
         """g = ∂h'/∂a_n = (1 − c) ⊙ φ'(a_n)."""
         return (1 - self._carry(cache.z)) * cache.dn
 
+    def _scaled_blocks(self, cache: GRUCache) -> dict[str, tuple[Tensor, str]]:
+        """The update path, and for reset "after" the candidate and reset paths, as diag(scale) · W_block."""
+        blocks = {"update": ((cache.h - cache.n) * self._carry_slope(cache), "W_hz")}
+        if self.reset == "after":
+            gain = self._candidate_gain(cache)
+            blocks |= {"candidate": (gain * cache.r, "W_hn"), "reset": (gain * cache.u * cache.dr, "W_hr")}
+        return blocks
+
     def jacobian_paths(self, cache: GRUCache) -> dict[str, Tensor]:
         w = self.weights
-        gain = self._candidate_gain(cache)
-        if self.reset == "after":
-            candidate = diag_times(gain * cache.r, w["W_hn"])
-            reset = diag_times(gain * cache.u * cache.dr, w["W_hr"])
-        else:
-            gain_w_hn = diag_times(gain, w["W_hn"])  # diag(g) W_hn, shared by both paths
-            candidate = gain_w_hn * cache.r.unsqueeze(-2)
-            reset = (gain_w_hn * (cache.h * cache.dr).unsqueeze(-2)) @ w["W_hr"]
-        return {
-            "carry": torch.diag_embed(self._carry(cache.z)),
-            "update": diag_times((cache.h - cache.n) * self._carry_slope(cache), w["W_hz"]),
-            "candidate": candidate,
-            "reset": reset,
-        }
+        paths = {"carry": torch.diag_embed(self._carry(cache.z))}
+        paths |= {name: diag_times(scale, w[block]) for name, (scale, block) in self._scaled_blocks(cache).items()}
+        if self.reset == "before":
+            gain_w_hn = diag_times(self._candidate_gain(cache), w["W_hn"])  # diag(g) W_hn, shared by both paths
+            paths["candidate"] = gain_w_hn * cache.r.unsqueeze(-2)
+            paths["reset"] = (gain_w_hn * (cache.h * cache.dr).unsqueeze(-2)) @ w["W_hr"]
+        return paths
+
+    def jacobian(self, cache: GRUCache) -> Tensor:
+        """For reset "after", J = diag(c) + Σ_p diag(scale_p) W_p in one contraction, without forming the paths."""
+        if self.reset == "before":
+            return super().jacobian(cache)
+        blocks = self._scaled_blocks(cache).values()
+        scales = torch.stack([scale for scale, _ in blocks], dim=-1)  # (..., H, paths)
+        weights = torch.stack([self.weights[block] for _, block in blocks])  # (paths, H, H)
+        jacobian = torch.einsum("...ip,pij->...ij", scales, weights)
+        jacobian.diagonal(dim1=-2, dim2=-1).add_(self._carry(cache.z))
+        return jacobian
 
     def input_jacobian(self, cache: GRUCache) -> Tensor:
         w = self.weights
