@@ -67,13 +67,11 @@ class CreditMap:
     @cached_property
     def total(self) -> dict[str, Tensor]:
         """∂L/∂θ = Σ_{t,k} C(t, k) for every block."""
-        totals: dict[str, Tensor] = {}
-        for rec, _ in self.streams:
-            factors = rec.param_factors(self.adjoints[rec.name])
-            for name, factor in factors.items():
-                adjoint = factor.adjoint.flatten(0, -2)  # every (step, sequence) pair as one batch
-                totals[name] = adjoint.sum(0) if factor.inputs is None else adjoint.mT @ factor.inputs.flatten(0, -2)
-        return totals
+        return {
+            name: factor.contract(batch_dims=2)  # steps and sequences at once: no (T, *shape) intermediate
+            for rec, _ in self.streams
+            for name, factor in rec.param_factors(self.adjoints[rec.name]).items()
+        }
 
     @cached_property
     def by_source(self) -> dict[str, Tensor]:

@@ -54,6 +54,15 @@ class Factor(NamedTuple):
     adjoint: Tensor  # (..., B, rows): the adjoint at the output of the block's product θ·u
     inputs: Tensor | None  # (B, cols): u; None for a bias
 
+    def contract(self, batch_dims: int = 1) -> Tensor:
+        """Σ_b adjoint_bᵀ ⊗ inputs_b (a bias: Σ_b adjoint_b), summed over the last ``batch_dims`` leading
+        dimensions (2 sums a (T, B) cache over steps and sequences at once)."""
+        adjoint, inputs = self.adjoint, self.inputs
+        if batch_dims > 1:
+            adjoint = adjoint.flatten(-1 - batch_dims, -2)
+            inputs = None if inputs is None else inputs.flatten(-1 - batch_dims, -2)
+        return adjoint.sum(-2) if inputs is None else outer_sum(adjoint, inputs)
+
 
 class Cell(ABC):
     """One recurrent step with its cached gates and exact derivatives (see the module docstring)."""
@@ -95,10 +104,7 @@ class Cell(ABC):
 
     def param_vjp(self, cache: Any, v: Tensor) -> dict[str, Tensor]:
         """v · ∂⁺s'/∂θ for every weight block θ, summed over the batch dimension: Σ_b δ_bᵀ ⊗ u_b (bias: Σ_b δ_b)."""
-        return {
-            name: factor.adjoint.sum(-2) if factor.inputs is None else outer_sum(factor.adjoint, factor.inputs)
-            for name, factor in self.param_factors(cache, v).items()
-        }
+        return {name: factor.contract() for name, factor in self.param_factors(cache, v).items()}
 
     def to(self: CellT, *args: Any, **kwargs: Any) -> CellT:
         """A copy with every weight converted by ``Tensor.to(*args, **kwargs)``."""
