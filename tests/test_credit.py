@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gatelens as gl
@@ -584,9 +585,7 @@ def test_head_output_and_targets_mismatch(trace: gl.Trace) -> None:
 
 def test_head_that_fails_names_the_shape_it_was_given(trace: gl.Trace) -> None:
     head = nn.Linear(7, 1).double()  # expects 7 features, the model outputs 4
-    with pytest.raises(
-        ValueError, match=re.escape(f"head could not be applied to the model's outputs of shape {(B, 4)}")
-    ):
+    with pytest.raises(ValueError, match=re.escape(f"head failed on inputs of shape {(B, 4)}")):
         gl.credit(trace, loss="last", head=head, targets=torch.zeros(B, 1, dtype=F64))
     with pytest.raises(ValueError, match=re.escape(f"shape {(T, B, 4)}")):
         gl.credit(trace, loss="all", head=head, targets=torch.zeros(T, B, 1, dtype=F64))
@@ -645,3 +644,106 @@ def test_credit_and_propagation_on_cuda_equal_cpu() -> None:
             assert relative_error(got.cpu(), value) <= TOL
     spectra = [gl.propagation(t, anchors=[2, 5]).log_singular_values for t in (cpu, cuda)]
     assert torch.allclose(spectra[1].cpu(), spectra[0], equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Review findings: float32 range, cancellation across the batch, complete results, the loss's layout, grad modes
+
+
+def test_float32_keeps_tiny_contributions_that_float32_can_hold() -> None:
+    """A hard block (J ≈ 1e-24) leaves contributions of 1e-26: representable in float32, so they must not be 0."""
+    x = _blocking_input()
+    x[M, :, 0] = 60.0
+    cell = _blocking_gru("after", "keep")
+    g = torch.zeros(TB, B, 4, dtype=F64)
+    g[-1] = 1.0
+    exact = gl.credit(gl.Model(cell).trace(x), g)
+    single = gl.credit(gl.Model(cell.to(torch.float32)).trace(x.float()), g.float())
+    before = slice(TB - M, None)  # lags reaching sources before the blocking step
+    assert torch.all(exact.by_lag["l0.W_in"][before] < 1e-20)
+    assert torch.all(single.by_lag["l0.W_in"][before] > 0)
+    assert relative_error(single.by_lag["l0.W_in"][before].double(), exact.by_lag["l0.W_in"][before]) <= 1e-3
+    assert torch.all(single.norms["l0.W_in"][-1, :M] > 0)
+    log_norm = gl.propagation(gl.Model(cell.to(torch.float32)).trace(x.float())).log_norm
+    assert torch.isfinite(log_norm).all()
+    exact_log_norm = gl.propagation(gl.Model(cell).trace(x)).log_norm
+    assert (log_norm.double() - exact_log_norm).abs().max() <= 1e-3 * exact_log_norm.abs().max()
+
+
+def test_norms_stay_exact_when_the_sequences_contributions_cancel() -> None:
+    """Two nearly equal sequences with opposite gradients: each pair's contribution is a tiny difference."""
+    cell = gl.GRU.random(3, 6, seed=1, dtype=F64)
+    x1 = _randn(5, 1, 3, seed=20)
+    x = torch.cat([x1, x1 + 1e-7 * _randn(5, 1, 3, seed=21)], dim=1)
+    g1 = _randn(5, 1, 6, seed=22)
+    cm = gl.credit(gl.Model(cell).trace(x), torch.cat([g1, -g1], dim=1))
+    expected = oracle_contributions([_oracle_layer(cell)], x, torch.cat([g1, -g1], dim=1))
+    for name, c in expected.items():
+        assert relative_error(cm.norms[name], pair_norms(c)) <= 1e-8, name
+
+
+def test_every_block_is_reported_even_without_gradient() -> None:
+    module = nn.GRU(I, 4, bidirectional=True).double()
+    trace = gl.load(module).trace(_randn(T, B, I))
+    g = _randn(T, B, 8, seed=1)
+    g[..., 4:] = 0  # nothing reaches the reverse direction
+    cm = gl.credit(trace, g)
+    names = list(trace.model.weights)
+    for field in ("total", "by_source", "by_lag", "norms"):
+        assert list(getattr(cm, field)) == names, field
+    assert all(cm.by_lag[name].abs().max() == 0 for name in names if name.startswith("l0_reverse"))
+    assert cm.norms["l0_reverse.W_hz"].shape == (T, T)
+
+
+def test_class_targets_for_every_step_are_flattened_as_torch_losses_expect() -> None:
+    """loss='all' with class indices: (T, B, C) predictions and (T, B) targets reach loss_fn as (T·B, C), (T·B,)."""
+    torch.manual_seed(0)
+    module, head = nn.GRU(I, 4).double(), nn.Linear(4, B).double()  # as many classes as sequences: no accident
+    x, classes = _randn(T, B, I), torch.randint(0, B, (T, B))
+    cm = gl.credit(gl.load(module).trace(x), loss="all", head=head, targets=classes, loss_fn=F.cross_entropy)
+    output, _ = module(x)
+    F.cross_entropy(head(output).reshape(-1, B), classes.reshape(-1)).backward()
+    assert relative_error(cm.total["l0.W_hz"], module.weight_hh_l0.grad[4:8]) <= TOL
+
+
+def test_real_valued_targets_must_match_the_predictions() -> None:
+    trace = gl.load(nn.GRU(I, 4).double()).trace(_randn(T, B, I))
+    with pytest.raises(ValueError, match="integer class indices"):
+        gl.credit(trace, loss="last", head=nn.Linear(4, 1).double(), targets=torch.zeros(B, dtype=F64))
+
+
+def test_credit_works_under_no_grad_and_inference_mode() -> None:
+    module = nn.GRU(I, 4).double()
+    x, y = _randn(T, B, I), _randn(B, 4, seed=3)
+    expected = gl.credit(gl.load(module).trace(x), loss="last", targets=y).total
+    with torch.no_grad():
+        got = gl.credit(gl.load(module).trace(x), loss="last", targets=y).total
+    with torch.inference_mode():
+        got_inference = gl.credit(gl.load(module).trace(x), loss="last", targets=y).total
+    for name, value in expected.items():
+        assert torch.equal(got[name], value) and torch.equal(got_inference[name], value)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"targets": "abc"}, TypeError, "targets must be a tensor"),
+        ({"targets": [[1.0], [2.0, 3.0]]}, TypeError, "targets must be a tensor"),
+        ({"targets": torch.zeros(B, 4, dtype=F64), "head": lambda y: (y, y)}, TypeError, "head must return a tensor"),
+        (
+            {"targets": torch.zeros(B, 4, dtype=F64), "loss_fn": lambda p, t: torch.tensor(1.0, dtype=F64)},
+            ValueError,
+            "does not depend on the model's outputs",
+        ),
+        ({"targets": torch.zeros(B, 4, dtype=F64), "loss_fn": lambda p, t: 1 / 0}, ValueError, "loss_fn failed"),
+    ],
+)
+def test_bad_loss_inputs_give_one_clear_error(options: dict, error: type, message: str) -> None:
+    trace = gl.load(nn.GRU(I, 4).double()).trace(_randn(T, B, I))
+    with pytest.raises(error, match=message):
+        gl.credit(trace, loss="last", **options)
+
+
+def test_credit_needs_a_trace() -> None:
+    with pytest.raises(TypeError, match="credit needs a Trace"):
+        gl.credit(nn.GRU(I, 4), torch.zeros(T, B, 4))

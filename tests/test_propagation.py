@@ -322,3 +322,22 @@ def test_to_dict_is_json(trace: gl.Trace) -> None:
     assert data["anchors"] == [1, 4]
     assert data["log_norm"][0][0] == [0.0] * B
     assert data["log_norm"][0][3] == [None] * B  # lag 3 > t = 2
+
+
+def test_an_exactly_zero_product_is_minus_infinity_and_none_in_json() -> None:
+    module = nn.RNN(3, 4, nonlinearity="relu").double()
+    with torch.no_grad():
+        module.bias_ih_l0.fill_(-100.0)  # every unit off: J = 0
+    pr = gl.propagation(gl.load(module).trace(torch.randn(5, 2, 3, dtype=torch.float64)))
+    assert pr.log_norm[0, 1:, :].isneginf().all()
+    data = json.loads(json.dumps(pr.to_dict(), allow_nan=False))
+    assert data["log_norm"][0][0] == [0.0, 0.0] and data["log_norm"][0][1] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("anchors", "error"), [("3", TypeError), (["a"], TypeError), ([1, None], TypeError), ([[1, 2]], ValueError)]
+)
+def test_anchors_that_are_not_step_indices(anchors: object, error: type) -> None:
+    trace = gl.load(nn.GRU(3, 4).double()).trace(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(error, match="anchors must be"):
+        gl.propagation(trace, anchors=anchors)

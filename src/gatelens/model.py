@@ -161,7 +161,7 @@ class Model:
         initial = model._initial_states(h0, batch, unbatched)
 
         recurrences: dict[str, Recurrence] = {}
-        orders = [_time_order(steps, batch, mask, reverse=bool(d)) for d in range(len(model.layers[0]))]
+        orders = [_time_order(steps, batch, mask, model.device, reverse=bool(d)) for d in range(len(model.layers[0]))]
         layer_input = inputs
         for index, layer in enumerate(model.layers):
             outputs = []
@@ -235,9 +235,8 @@ class Model:
         return (h_n, stacked[..., first.output_size :]) if first.state_size > first.output_size else h_n
 
 
-def _time_order(steps: int, batch: int, mask: Tensor | None, *, reverse: bool) -> Tensor:
+def _time_order(steps: int, batch: int, mask: Tensor | None, device: torch.device, *, reverse: bool) -> Tensor:
     """(T, B) index of the input each step reads: i for forward; L_b − 1 − i for reverse (i past L_b: i)."""
-    device = None if mask is None else mask.device
     i = torch.arange(steps, device=device)[:, None].expand(steps, batch)
     if not reverse:
         return i

@@ -16,8 +16,10 @@ t; t − k is its lag. A credit map holds, for every block:
 
 ``total`` and ``by_source`` need only the summed adjoint ā_k = Σ_{t≥k} g_t J_t ⋯ J_{k+1}, i.e. BPTT. ``by_lag`` and
 ``norms`` need every chain a_{t,k} = g_t J_t ⋯ J_{k+1} on its own: one backward sweep over time carries the chains
-of every loss step reached so far, stacked into one (chains, B, S) tensor, so a step costs one batched product
-and only that step's contributions are formed. Memory stays O(chains·B·S) plus the results; no Jacobian is stored.
+of every loss step reached so far, stacked into one tensor, so moving them costs one batched product per step,
+and only that step's contributions are formed (``by_lag`` buffers a few steps to contract them in one GEMM;
+``norms`` uses the SVD of the step's inputs). Memory stays O(chains·B·S) plus the results; no Jacobian is kept
+beyond its step. Norms are scaled before squaring, so no contribution representable in the dtype reads as 0.
 Each property is computed on first access.
 
 Models. A stack of unidirectional layers is one recurrence, so t is the true loss step for every layer. In a
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import as_float_tensor, check_finite, check_shape
+from gatelens.analysis.norms import frobenius
 from gatelens.cells.base import Factor, check_choice
 from gatelens.trace import DIRECTIONS, Recurrence, Trace
 
@@ -84,7 +87,8 @@ class CreditMap:
         sums: dict[str, Tensor] = {}
         for rec, g in self.streams:
             sums |= chain_sweep(rec, g, lag_sums=True).lag_sums
-        return {name: torch.linalg.vector_norm(total, dim=tuple(range(1, total.dim()))) for name, total in sums.items()}
+        norms = {name: frobenius(total, dims=total.dim() - 1) for name, total in sums.items()}
+        return self._every_block(norms, self.out_grads.shape[:1])
 
     @cached_property
     def norms(self) -> dict[str, Tensor]:
@@ -92,7 +96,12 @@ class CreditMap:
         norms: dict[str, Tensor] = {}
         for rec, g in self.streams:
             norms |= chain_sweep(rec, g, pair_norms=True).pair_norms
-        return norms
+        return self._every_block(norms, self.out_grads.shape[:1] * 2)
+
+    def _every_block(self, results: dict[str, Tensor], shape: tuple[int, ...]) -> dict[str, Tensor]:
+        """Every block of the model in its order; zeros for a block no loss step reaches."""
+        zeros = self.out_grads.new_zeros(shape)
+        return {name: results.get(name, zeros) for name in self.trace.model.weights}
 
     @cached_property
     def path_shares(self) -> dict[str, Tensor]:
@@ -129,9 +138,13 @@ def credit(
     Either ``out_grads`` = ∂L/∂(output), shaped like ``trace.output`` (batch-first if the model is), or a loss:
     ``loss="last"`` applies ``head`` to the output at each sequence's last step (its length − 1), ``loss="all"``
     to the outputs of every step; ``loss_fn(head(outputs), targets)`` must be a scalar (default ``head``: the
-    identity; default ``loss_fn``: mean squared error). Gradients at steps past a sequence's end are dropped: the
-    model's output there is a constant zero.
+    identity; default ``loss_fn``: mean squared error). ``loss_fn`` receives the predictions as (N, C) and the
+    targets as (N, C), or as integer class indices (N,), the layout torch's losses expect (N = sequences for
+    "last", steps × sequences for "all"). Gradients at steps past a sequence's end are dropped: the model's output
+    there is a constant zero.
     """
+    if not isinstance(trace, Trace):
+        raise TypeError(f"credit needs a Trace (from model.trace(x)), got {type(trace).__name__}")
     gradients = _output_gradients(trace, out_grads, loss, head, targets, loss_fn)
     time_major = _time_major(trace, gradients)
     if trace.lengths is not None:
@@ -175,37 +188,63 @@ def _output_gradients(
     check_choice("loss", loss, LOSSES)
     if targets is None:
         raise TypeError(f"loss={loss!r} needs targets=")
-    outputs = output.detach().requires_grad_(True)
-    if loss == "all":
-        predicted_from = outputs
-    else:
-        time_major = _time_major(trace, outputs)
-        steps, batch = time_major.shape[:2]
-        lengths = trace.lengths if trace.lengths is not None else torch.full((batch,), steps, device=outputs.device)
-        predicted_from = time_major[lengths - 1, torch.arange(batch, device=outputs.device)]
-        if output.dim() == 2:
-            predicted_from = predicted_from.squeeze(0)
-    try:
-        predictions = predicted_from if head is None else head(predicted_from)
-    except Exception as error:  # a user's head: report what it was given
-        raise ValueError(
-            f"head could not be applied to the model's outputs of shape {tuple(predicted_from.shape)} "
-            f"(dtype {predicted_from.dtype}): {error}"
-        ) from None
-    if not isinstance(targets, Tensor):
-        targets = torch.as_tensor(targets, device=outputs.device)
-    if tuple(targets.shape) not in (tuple(predictions.shape), tuple(predictions.shape[:-1])):
-        raise ValueError(
-            f"targets have shape {tuple(targets.shape)}, but the head's predictions for loss={loss!r} have shape "
-            f"{tuple(predictions.shape)}; expected targets of that shape (or {tuple(predictions.shape[:-1])} for "
-            f"class indices)"
-        )
-    value = (loss_fn or torch.nn.functional.mse_loss)(predictions, targets)
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar tensor, got {value!r:.80}")
-    check_finite(value.detach(), "the loss")
-    (gradients,) = torch.autograd.grad(value, outputs, allow_unused=True, materialize_grads=True)
+    with torch.inference_mode(False), torch.enable_grad():  # the loss is differentiated whatever the caller's mode
+        outputs = output.detach().clone().requires_grad_(True)
+        predictions = _user_call("head", head or (lambda y: y), _loss_inputs(trace, outputs, loss))
+        if not isinstance(predictions, Tensor) or predictions.dim() == 0:
+            raise TypeError(f"head must return a tensor with a feature dimension, got {predictions!r:.80}")
+        predictions, targets = _flat_for_loss(predictions, _as_targets(targets, predictions, loss))
+        value = _user_call("loss_fn", loss_fn or torch.nn.functional.mse_loss, predictions, targets)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar tensor, got {value!r:.80}")
+        if not value.requires_grad:
+            raise ValueError("the loss does not depend on the model's outputs: check head and loss_fn")
+        check_finite(value.detach(), "the loss")
+        (gradients,) = torch.autograd.grad(value, outputs, allow_unused=True, materialize_grads=True)
     return gradients
+
+
+def _loss_inputs(trace: Trace, outputs: Tensor, loss: str) -> Tensor:
+    """What the head reads: every output ("all"), or each sequence's output at its last step ("last")."""
+    if loss == "all":
+        return outputs
+    time_major = _time_major(trace, outputs)
+    steps, batch = time_major.shape[:2]
+    lengths = trace.lengths if trace.lengths is not None else torch.full((batch,), steps, device=outputs.device)
+    last = time_major[lengths - 1, torch.arange(batch, device=outputs.device)]
+    return last.squeeze(0) if outputs.dim() == 2 else last
+
+
+def _user_call(name: str, function: Callable[..., Any], *args: Tensor) -> Any:
+    """Call a user's head or loss_fn, reporting a failure with the shapes it was given."""
+    try:
+        return function(*args)
+    except Exception as error:  # a user's function may raise anything: say what it was given
+        given = ", ".join(f"shape {tuple(a.shape)} {a.dtype}" for a in args)
+        raise ValueError(f"{name} failed on inputs of {given}: {error}") from None
+
+
+def _as_targets(targets: Any, predictions: Tensor, loss: str) -> Tensor:
+    """Targets as a tensor on the predictions' device: shaped like them, or integer class indices without the
+    last (class) dimension."""
+    try:
+        targets = torch.as_tensor(targets, device=predictions.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"targets must be a tensor or a rectangular array of numbers, got {targets!r:.80}") from None
+    indices = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    if targets.shape == predictions.shape or (indices and targets.shape == predictions.shape[:-1]):
+        return targets
+    raise ValueError(
+        f"targets have shape {tuple(targets.shape)} ({targets.dtype}), but the head's predictions for loss={loss!r} "
+        f"have shape {tuple(predictions.shape)}; expected targets of that shape, or integer class indices of shape "
+        f"{tuple(predictions.shape[:-1])}"
+    )
+
+
+def _flat_for_loss(predictions: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(…, C) predictions as (N, C), and targets as (N, C) or class indices (N,), the layout torch's losses take."""
+    flat_targets = targets.reshape(-1, targets.shape[-1]) if targets.shape == predictions.shape else targets.reshape(-1)
+    return predictions.reshape(-1, predictions.shape[-1]), flat_targets
 
 
 def _streams(trace: Trace, out_grads: Tensor) -> list[tuple[Recurrence, Tensor]]:
@@ -231,7 +270,8 @@ def _streams(trace: Trace, out_grads: Tensor) -> list[tuple[Recurrence, Tensor]]
             if layer:
                 at_input = at_input + rec.to_processing_order(rec.input_vjp(summed_adjoints(rec, g)))
         at_output = at_input  # type: ignore[assignment]
-    return streams[::-1]
+    order = model.names()
+    return sorted(streams, key=lambda stream: order.index(stream[0].name))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,7 +279,7 @@ def _streams(trace: Trace, out_grads: Tensor) -> list[tuple[Recurrence, Tensor]]
 
 
 def summed_adjoints(rec: Recurrence, g: Tensor) -> Tensor:
-    """BPTT: ā_i = g_i + ā_{i+1} · J_{i+1} for i = T−1 … 0 (0-based), returned as (T, B, S)."""
+    """BPTT in 0-based arrays: ā[i] = g[i] + ā[i+1] · jacobians[i+1], from i = T−1 down; ā[i] = ∂L/∂h_{i+1}."""
     adjoints = torch.empty_like(g)
     adjoint = g[-1]
     adjoints[-1] = adjoint
@@ -282,10 +322,10 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
         if lag_sums:
             sums.add(loss_steps[first:] - step, loss_steps_cpu[first] - step, loss_steps_cpu[-1] - step, factors)
         if pair_norms:
-            for name, squared in chain_norms_squared(factors).items():
+            for name, norm in chain_norms(factors).items():
                 if name not in norms:
-                    norms[name] = squared.new_zeros(steps, steps)
-                norms[name][loss_steps[first:], step] = squared.clamp_min(0).sqrt()
+                    norms[name] = norm.new_zeros(steps, steps)
+                norms[name][loss_steps[first:], step] = norm
         if not step:
             break
         if chains.shape[1] >= JACOBIAN_CHAINS:
@@ -320,9 +360,9 @@ class LagSums:
     elements and more than half full (sparse loss steps would leave most of D empty).
     """
 
-    def __init__(self, steps: int, budget: int = CHUNK_ELEMENTS) -> None:
+    def __init__(self, steps: int, budget: int | None = None) -> None:
         self.steps = steps
-        self.budget = budget
+        self.budget = CHUNK_ELEMENTS if budget is None else budget
         self.group_sums: list[Tensor] = []  # per group of blocks: (Σ columns, T, rows)
         self.members: list[list[tuple[str, Tensor | None]]] = []
         self.pending: list[tuple[Tensor, int, int, list[Group]]] = []
@@ -402,17 +442,26 @@ def _place(target: Tensor, values: Tensor, positions: Tensor, first: int, last: 
         target.index_copy_(1, positions, values)
 
 
-def chain_norms_squared(factors: dict[str, Factor]) -> dict[str, Tensor]:
-    """Per chain, ‖Σ_b δ_bᵀ ⊗ u_b‖_F² = Σ_{b,b'} (δ_b·δ_b')(u_b·u_b'), from Gram matrices: (chains,) per block.
+def chain_norms(factors: dict[str, Factor]) -> dict[str, Tensor]:
+    """Per chain, ‖Σ_b δ_bᵀ ⊗ u_b‖_F (a bias: ‖Σ_b δ_b‖): (chains,) per block.
 
-    The Gram form costs B² (rows + cols) per chain instead of B·rows·cols for the outer products.
+    With the thin SVD u = P diag(σ) Vᵀ of the step's inputs (B × cols, one per distinct input), the contribution
+    is δᵀ P diag(σ) Vᵀ and, V having orthonormal rows, its norm is ‖diag(σ) Pᵀ δ‖_F: B·min(B, cols) work per
+    row of δ instead of B·cols, and exact to rounding even when the sequences' contributions cancel (a Gram-matrix
+    form would square them and lose half the digits).
     """
-    squared = {}
+    norms = {}
+    bases: dict[int, Tensor] = {}  # id(inputs) ↦ (min(B, cols), B) rows σ_j p_jᵀ
     for adjoint, members in _grouped(factors):
-        gram = adjoint @ adjoint.mT  # (chains, B, B)
         for name, inputs in members:
-            squared[name] = gram.sum((-2, -1)) if inputs is None else (gram * (inputs @ inputs.mT)).sum((-2, -1))
-    return squared
+            if inputs is None:
+                norms[name] = frobenius(adjoint.sum(-2), dims=1)
+                continue
+            if id(inputs) not in bases:
+                left, singular, _ = torch.linalg.svd(inputs, full_matrices=False)
+                bases[id(inputs)] = singular.unsqueeze(-1) * left.mT
+            norms[name] = frobenius(bases[id(inputs)] @ adjoint, dims=2)
+    return norms
 
 
 def path_shares(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
@@ -424,7 +473,7 @@ def path_shares(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
         window = slice(start, min(start + chunk, rec.steps))
         v = adjoints[window].unsqueeze(-2)  # (C, B, 1, S)
         for name, path in rec.jacobian_paths(steps=window).items():
-            flows.setdefault(name, []).append((v @ path).flatten(1).norm(dim=1))
+            flows.setdefault(name, []).append(frobenius((v @ path).flatten(1), dims=1))
     norms = {name: torch.cat(parts) for name, parts in flows.items()}
     total = torch.stack(list(norms.values())).sum(0)
     safe = torch.where(total > 0, total, 1.0)

@@ -7,7 +7,13 @@ accumulated log-scale, Π_ℓ = exp(s_ℓ) · M_ℓ with ‖M_ℓ‖_F = 1, so i
     M_{ℓ+1} = M_ℓ J_{t−ℓ} / ‖M_ℓ J_{t−ℓ}‖_F,      s_{ℓ+1} = s_ℓ + log ‖M_ℓ J_{t−ℓ}‖_F,
     log σ_j(Π_ℓ) = s_ℓ + log σ_j(M_ℓ).
 
-Singular values smaller than σ_1 times the dtype's precision are not resolved (they show as very negative or −inf).
+The normalised product is accurate to the dtype's precision relative to its largest singular value, so a
+σ_j below about σ_1 · eps (eps ≈ 1e-7 in float32, 2e-16 in float64) is not resolved: it shows at that noise floor
+rather than at its true value (at long lags, products tend to rank one). An exactly zero product (e.g. a ReLU
+network whose units are all off) has log-norm −inf.
+
+With ``lengths=``, the steps past a sequence's end are identities, so an anchor past the end of a shorter
+sequence sees those lags as ∂h_t/∂h_{t−ℓ} = I; anchor at ``length − 1`` to start at a sequence's own last step.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gatelens.analysis.norms import frobenius
 from gatelens.trace import Trace
 
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
@@ -56,7 +63,8 @@ class Propagation:
         return self.log_singular_values[:, int(lag)].exp()
 
     def horizon(self, eps: float = 1e-3) -> Tensor:
-        """The first lag ℓ at which ‖∂h_t/∂h_{t−ℓ}‖₂ < eps, per anchor and sequence (A, B); −1 if it never does."""
+        """The first lag ℓ at which ‖∂h_t/∂h_{t−ℓ}‖₂ < eps, per anchor and sequence (A, B); −1 if it does not
+        within the lags computed (all of them, or up to ``max_lag``)."""
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
             raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         below = self.log_norm < math.log(eps)  # NaN compares False
@@ -64,11 +72,12 @@ class Propagation:
         return torch.where(below.any(dim=1), first, -1)
 
     def to_dict(self) -> dict[str, Any]:
-        """Anchors, log spectral and Frobenius norms by lag (NaN as None), ready for JSON."""
+        """Anchors, log spectral and Frobenius norms by lag, ready for JSON: None where there is no such lag (NaN)
+        and where the product is exactly zero (log-norm −inf), which JSON cannot hold."""
 
         def listed(values: Tensor) -> list:
             array = values.detach().cpu().double().numpy()
-            return np.where(np.isnan(array), None, array).tolist()
+            return np.where(np.isfinite(array), array, None).tolist()
 
         return {
             "recurrence": self.recurrence,
@@ -117,7 +126,7 @@ def propagation(
             if not bool(live.any()):
                 continue
             product = products[first:] @ jacobians[step - start]
-            norm = product.flatten(-2).norm(dim=-1)
+            norm = frobenius(product, dims=2)
             safe = torch.where(norm > 0, norm, 1.0)
             products[first:] = product / safe[..., None, None]
             log_scale[first:] += norm.log()
@@ -130,12 +139,18 @@ def _anchors(anchors: Any, steps: int) -> Tensor:
     """Anchors as a sorted, de-duplicated (A,) long tensor of step indices in 0..T−1."""
     if anchors is None:
         return torch.tensor([steps - 1])
-    values = torch.as_tensor(anchors).flatten() if not isinstance(anchors, (int, np.integer)) else None
-    if isinstance(anchors, (bool, np.bool_)) or (
-        values is not None and (values.dtype == torch.bool or values.is_floating_point() or values.numel() == 0)
-    ):
-        raise TypeError(f"anchors must be an int or a non-empty list of ints (0-based step indices), got {anchors!r}")
-    values = torch.tensor([int(anchors)]) if values is None else values.long().cpu()
+    expected = f"anchors must be an int or a non-empty list of ints (0-based step indices), got {anchors!r:.80}"
+    if isinstance(anchors, (bool, np.bool_, str, bytes)):
+        raise TypeError(expected)
+    try:
+        values = torch.as_tensor(anchors)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(expected) from None
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex() or values.numel() == 0:
+        raise TypeError(expected)
+    if values.dim() > 1:
+        raise ValueError(f"anchors must be one int or a 1-D list of ints, got shape {tuple(values.shape)}")
+    values = values.reshape(-1).long().cpu()
     if int(values.min()) < 0 or int(values.max()) >= steps:
         raise ValueError(f"anchors must lie in 0..{steps - 1} (0-based step indices), got {values.tolist()}")
     return torch.unique(values)

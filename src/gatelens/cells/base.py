@@ -52,7 +52,7 @@ class Factor(NamedTuple):
     """
 
     adjoint: Tensor  # (..., B, rows): the adjoint at the output of the block's product θ·u
-    inputs: Tensor | None  # (B, cols): u; None for a bias
+    inputs: Tensor | None  # (..., B, cols): u, with the cache's leading dimensions; None for a bias
 
     def contract(self, batch_dims: int = 1) -> Tensor:
         """Σ_b adjoint_bᵀ ⊗ inputs_b (a bias: Σ_b adjoint_b), summed over the last ``batch_dims`` leading
