@@ -16,16 +16,27 @@ __all__ = ["load", "from_module", "from_state_dict", "load_file"]
 
 
 def load(source: Any, **options: Any) -> Model:
-    """A gatelens model from a PyTorch module, a state_dict, a saved state_dict file, a cell or a list of layers.
+    """A gatelens model from a PyTorch module, a state_dict, a saved file, a cell or a list of layers.
 
-    ``options`` go to the state_dict reader (``prefix``, ``kind``, ``nonlinearity``, ``batch_first``) for dicts
-    and files, and to :class:`~gatelens.Model` (``batch_first``) for cells.
+    Files are read by their suffix: ``.onnx`` (options: ``node``), ``.keras``, ``.h5`` and ``.weights.h5``
+    (options: ``layer``), anything else as a PyTorch state_dict or checkpoint. ``options`` go to the state_dict
+    reader (``prefix``, ``kind``, ``nonlinearity``, ``batch_first``) for dicts and PyTorch files, and to
+    :class:`~gatelens.Model` (``batch_first``) for cells.
     """
     if isinstance(source, (Model, nn.Module)):
         if options:
             raise TypeError(f"a {type(source).__name__} carries its own settings; unexpected options {sorted(options)}")
         return source if isinstance(source, Model) else from_module(source)
     if isinstance(source, (str, Path)):
+        suffix = "".join(Path(source).suffixes[-2:]) if str(source).endswith(".weights.h5") else Path(source).suffix
+        if suffix.lower() == ".onnx":
+            from gatelens.io.onnx_file import from_onnx
+
+            return from_onnx(source, **options)
+        if suffix.lower() in (".keras", ".h5", ".weights.h5"):
+            from gatelens.io.keras_file import from_keras
+
+            return from_keras(source, **options)
         return load_file(source, **options)
     if isinstance(source, Mapping):
         return from_state_dict(source, **options)
