@@ -519,7 +519,7 @@ def test_jacobians_of_a_layer_that_does_not_exist(model: gl.Model) -> None:
 def test_reverse_direction_on_a_unidirectional_model(model: gl.Model) -> None:
     trace = model.trace(x(T, B, I))
     with pytest.raises(
-        ValueError, match=r"direction='reverse' needs a bidirectional model; this one is unidirectional"
+        ValueError, match=r"direction='reverse': this unidirectional model reads sequences forward only"
     ):
         trace.jacobians(layer=0, direction="reverse")
 

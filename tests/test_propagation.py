@@ -313,7 +313,7 @@ def test_recurrence_choice_is_checked() -> None:
     with pytest.raises(ValueError, match="unknown direction 'backward'"):
         gl.propagation(bidirectional, layer=0, direction="backward")
     unidirectional = gl.load(_torch("GRU")).trace(_randn(T, B, I, seed=1))
-    with pytest.raises(ValueError, match="direction='reverse' needs a bidirectional model"):
+    with pytest.raises(ValueError, match="direction='reverse': this unidirectional model reads sequences forward only"):
         gl.propagation(unidirectional, direction="reverse")
 
 

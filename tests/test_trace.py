@@ -175,3 +175,23 @@ def test_initial_state_follows_the_inputs_device(device: str) -> None:
     h0 = torch.randn(1, B, H, dtype=F64)
     trace = gl.load(module).trace(_x().to(device), h0)
     assert relative_error(trace.output.cpu(), module(_x(), h0)[0].detach()) <= 1e-12
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_reverse_only_model_is_the_reverse_half_of_a_bidirectional_module(padded: bool) -> None:
+    module = _module("GRU", bidirectional=True)
+    lengths = LENGTHS if padded else None
+    bidirectional = gl.load(module)
+    reverse_cell = bidirectional.layers[0][1]
+    model = gl.Model(reverse_cell, reverse=True)
+    assert model.names() == ["l0_reverse"] and list(model.weights)[0].startswith("l0_reverse.")
+    trace = model.trace(_x(), lengths=lengths)
+    expected = bidirectional.trace(_x(), lengths=lengths)
+    assert relative_error(trace.output, expected.output[..., H:]) <= 1e-14
+    rec = trace.recurrence()
+    assert torch.equal(rec.input_index, expected.recurrence(0, "reverse").input_index)
+    assert torch.equal(trace.jacobians(), expected.jacobians(layer=0, direction="reverse"))
+    with pytest.raises(ValueError, match="reads sequences reverse only"):
+        trace.recurrence(direction="forward")
+    with pytest.raises(ValueError, match="reverse=True is for a unidirectional model"):
+        gl.Model([bidirectional.layers[0]], reverse=True)

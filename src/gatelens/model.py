@@ -1,7 +1,8 @@
 """A Model is a list of recurrent layers, laid out as a PyTorch RNN module lays them out, that records traces.
 
 Layer l reads x (l = 0) or the concatenated outputs of every direction of layer l − 1. A layer has one direction,
-or two (forward, reverse) when the model is bidirectional; each direction is its own recurrence. Inference only:
+or two (forward, reverse) when the model is bidirectional; each direction is its own recurrence. A unidirectional
+model may read every sequence backwards (``reverse=True``, as an ONNX node with direction="reverse"). Inference only:
 dropout between layers is a training-time operation and is not applied.
 """
 
@@ -49,15 +50,23 @@ class Model:
     Traces are the deterministic (eval-mode) forward pass: dropout between layers is not applied.
 
     ``layers[l][d]`` is the cell of layer l in direction d (0 forward, 1 reverse). Block names are qualified by
-    layer and direction as in PyTorch: ``l0.W_hz``, ``l1.W_hz``, ``l0_reverse.W_hz``.
+    layer and direction as in PyTorch: ``l0.W_hz``, ``l1.W_hz``, ``l0_reverse.W_hz``. With ``reverse=True`` a
+    unidirectional model reads each sequence from its last step to its first, and its layers are named
+    ``l0_reverse``, ``l1_reverse``, ….
     """
 
     layers: tuple[tuple[Cell, ...], ...]
     batch_first: bool
     source: str
+    reverse: bool
 
     def __init__(
-        self, layers: Cell | Sequence[Cell | Sequence[Cell]], *, batch_first: bool = False, source: str = ""
+        self,
+        layers: Cell | Sequence[Cell | Sequence[Cell]],
+        *,
+        batch_first: bool = False,
+        source: str = "",
+        reverse: bool = False,
     ) -> None:
         normalised = _layers_from(layers)
         directions = {len(layer) for layer in normalised}
@@ -75,7 +84,10 @@ class Model:
                 )
         if len({(c.dtype, c.device) for layer in normalised for c in layer}) > 1:
             raise ValueError("all cells of a model must share one dtype and device")
+        if reverse and width == 2:
+            raise ValueError("reverse=True is for a unidirectional model; a bidirectional one already reads both ways")
         object.__setattr__(self, "layers", normalised)
+        object.__setattr__(self, "reverse", bool(reverse))
         object.__setattr__(self, "batch_first", bool(batch_first))
         object.__setattr__(self, "source", source)
 
@@ -83,7 +95,10 @@ class Model:
         first = self.layers[0][0]
         return (
             f"Model({first!r}, num_layers={self.num_layers}, bidirectional={self.bidirectional}, "
-            f"batch_first={self.batch_first}" + (f", source={self.source!r}" if self.source else "") + ")"
+            f"batch_first={self.batch_first}"
+            + (", reverse=True" if self.reverse else "")
+            + (f", source={self.source!r}" if self.source else "")
+            + ")"
         )
 
     @property
@@ -108,7 +123,11 @@ class Model:
 
     def names(self) -> list[str]:
         """Recurrence names in order: ``l0``, ``l0_reverse``, ``l1``, …"""
-        return [f"l{l}" + ("_reverse" if d else "") for l, layer in enumerate(self.layers) for d in range(len(layer))]
+        return [
+            f"l{l}" + ("_reverse" if d or self.reverse else "")
+            for l, layer in enumerate(self.layers)
+            for d in range(len(layer))
+        ]
 
     def cells(self) -> dict[str, Cell]:
         """Every cell by recurrence name."""
@@ -122,7 +141,7 @@ class Model:
     def to(self, *args: Any, **kwargs: Any) -> Model:
         """A copy with every weight converted by ``Tensor.to`` (e.g. ``model.to(torch.float64)``)."""
         layers = [tuple(cell.to(*args, **kwargs) for cell in layer) for layer in self.layers]
-        return Model(layers, batch_first=self.batch_first, source=self.source)
+        return Model(layers, batch_first=self.batch_first, source=self.source, reverse=self.reverse)
 
     # -----------------------------------------------------------------------------------------------------------
 
@@ -161,12 +180,16 @@ class Model:
         initial = model._initial_states(h0, batch, unbatched)
 
         recurrences: dict[str, Recurrence] = {}
-        orders = [_time_order(steps, batch, mask, model.device, reverse=bool(d)) for d in range(len(model.layers[0]))]
+        orders = [
+            _time_order(steps, batch, mask, model.device, reverse=bool(d) or self.reverse)
+            for d in range(len(model.layers[0]))
+        ]
         layer_input = inputs
-        for index, layer in enumerate(model.layers):
+        names = iter(model.names())
+        for layer in model.layers:
             outputs = []
-            for direction, (cell, order) in enumerate(zip(layer, orders)):
-                name = f"l{index}" + ("_reverse" if direction else "")
+            for cell, order in zip(layer, orders):
+                name = next(names)
                 rec = _record(name, cell, gather_time(layer_input, order), initial[name], mask, order)
                 recurrences[name] = rec
                 out = gather_time(cell.output(rec.states[1:]), order)  # back to the inputs' time order

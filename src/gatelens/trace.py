@@ -188,12 +188,18 @@ class Trace:
         """Per layer and direction (``"l0"``, ``"l0_reverse"``, …): h_0..h_T, shape (T+1, B, S)."""
         return {name: rec.states for name, rec in self.recurrences.items()}
 
-    def recurrence(self, layer: int | None = None, direction: str = "forward") -> Recurrence:
-        """One layer and direction; ``layer=None`` gives the whole stack of a unidirectional model."""
+    def recurrence(self, layer: int | None = None, direction: str | None = None) -> Recurrence:
+        """One layer and direction; ``layer=None`` gives the whole stack of a unidirectional model.
+
+        ``direction=None`` is the model's own direction ("forward", or "reverse" for a ``reverse=True`` model;
+        "forward" for a bidirectional one).
+        """
+        own = "reverse" if self.model.reverse else "forward"
+        direction = own if direction is None else direction
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {direction!r}; expected 'forward' or 'reverse'")
-        if direction == "reverse" and not self.model.bidirectional:
-            raise ValueError("direction='reverse' needs a bidirectional model; this one is unidirectional")
+        if not self.model.bidirectional and direction != own:
+            raise ValueError(f"direction={direction!r}: this unidirectional model reads sequences {own} only")
         if layer is None:
             if self.model.bidirectional:
                 raise ValueError(
@@ -202,14 +208,14 @@ class Trace:
                     f"{self.model.num_layers - 1}) and direction='forward' or 'reverse'"
                 )
             if self.model.num_layers == 1:
-                return self.recurrences["l0"]
+                return next(iter(self.recurrences.values()))
             return self._stack()
         index = as_index(layer, "layer", self.model.num_layers)
         return self.recurrences[f"l{index}" + ("_reverse" if direction == "reverse" else "")]
 
     def _stack(self) -> Recurrence:
         """The layers of a unidirectional model composed into one recurrence (a :class:`Stack`)."""
-        layers = [self.recurrences[f"l{index}"] for index in range(self.model.num_layers)]
+        layers = list(self.recurrences.values())  # a unidirectional model: one recurrence per layer, in order
         return Recurrence(
             name="stack",
             cell=Stack([rec.cell for rec in layers]),
@@ -219,12 +225,12 @@ class Trace:
             input_index=layers[0].input_index,
         )
 
-    def jacobians(self, layer: int | None = None, direction: str = "forward", steps: Steps = None) -> Tensor:
+    def jacobians(self, layer: int | None = None, direction: str | None = None, steps: Steps = None) -> Tensor:
         """J[i] = ∂h_{i+1}/∂h_i, shape (T, B, S, S); ``layer=None`` gives the stack's Jacobian."""
         return self.recurrence(layer, direction).jacobians(steps)
 
     def jacobian_paths(
-        self, layer: int | None = None, direction: str = "forward", steps: Steps = None
+        self, layer: int | None = None, direction: str | None = None, steps: Steps = None
     ) -> dict[str, Tensor]:
         """The named paths of :meth:`jacobians`, which they sum to exactly."""
         return self.recurrence(layer, direction).jacobian_paths(steps)

@@ -92,7 +92,7 @@ def propagation(
     anchors: int | Sequence[int] | Tensor | None = None,
     *,
     layer: int | None = None,
-    direction: str = "forward",
+    direction: str | None = None,
     max_lag: int | None = None,
 ) -> Propagation:
     """Singular values of ∂h_t/∂h_{t−ℓ} for each anchor t = a + 1 and lag ℓ = 0..min(t, max_lag).
