@@ -747,3 +747,19 @@ def test_bad_loss_inputs_give_one_clear_error(options: dict, error: type, messag
 def test_credit_needs_a_trace() -> None:
     with pytest.raises(TypeError, match="credit needs a Trace"):
         gl.credit(nn.GRU(I, 4), torch.zeros(T, B, 4))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_reverse_only_model_gets_the_reverse_half_of_a_bidirectional_modules_gradient(padded: bool) -> None:
+    """Model(reverse=True) (an ONNX direction="reverse" node) against autograd on the reverse half of nn.GRU."""
+    torch.manual_seed(5)
+    module = nn.GRU(I, 4, bidirectional=True).double()
+    x, lengths = _randn(T, B, I, seed=30), (LENGTHS if padded else None)
+    g = _randn(T, B, 4, seed=31)
+    reverse = gl.Model(gl.load(module).layers[0][1], reverse=True)
+    cm = gl.credit(reverse.trace(x, lengths=lengths), g)
+    output = _torch_output(module, x, lengths)
+    (output[..., 4:] * g).sum().backward()
+    assert relative_error(cm.total["l0_reverse.W_hz"], module.weight_hh_l0_reverse.grad[4:8]) <= TOL
+    assert relative_error(cm.total["l0_reverse.W_in"], module.weight_ih_l0_reverse.grad[8:12]) <= TOL
+    assert relative_error(cm.by_source["l0_reverse.W_in"].sum(0), cm.total["l0_reverse.W_in"]) <= TOL

@@ -611,3 +611,26 @@ def test_external_links_are_not_followed(tmp_path: Path) -> None:
         group["kernel:0"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "kernel")
     with pytest.raises(ValueError, match=r"kernel:0 is an HDF5 ExternalLink; gatelens follows only hard links"):
         gl.load(path)
+
+
+def test_a_damaged_archive_gives_one_clear_error(saved: Callable[..., tuple[Path, Any]], tmp_path: Path) -> None:
+    path, _ = saved(0)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("config.json")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the member's stored bytes
+    data[start + 5] ^= 0xFF
+    (tmp_path / "flipped.keras").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is not a readable Keras file"):
+        gl.load(tmp_path / "flipped.keras")
+    (tmp_path / "truncated.keras").write_bytes(path.read_bytes()[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        gl.load(tmp_path / "truncated.keras")
+
+
+def test_masking_is_not_read_and_says_so(tmp_path: Path) -> None:
+    with quiet():
+        model = keras_model([keras.layers.Masking(0.0), keras.layers.GRU(3, return_sequences=True)])
+    path = save(model, tmp_path / "masked.keras")
+    with pytest.warns(UserWarning, match="masks steps .* pass lengths= to trace"):
+        gl.load(path)

@@ -484,6 +484,7 @@ REFUSED = {
     "count": ("GRU", {"activations": ["Sigmoid"]}, r"lists 1 activations \['Sigmoid'\]; a GRU .* needs 2"),
     "LSTM-g-h": ("LSTM", {"activations": ["Sigmoid", "Tanh", "Relu"]}, r"activations g='tanh' and h='relu' differ"),
     "hidden_size": ("GRU", {"hidden_size": 7}, r"hidden_size=7 but R has shape \(1, 12, 4\)"),
+    "activation-ints": ("GRU", {"activations": [1, 2]}, r"activations must be a list of names"),
 }
 
 

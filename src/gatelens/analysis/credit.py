@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import as_float_tensor, check_finite, check_shape
-from gatelens.analysis.norms import frobenius
+from gatelens.analysis.norms import SAFE_RANGE, frobenius
 from gatelens.cells.base import Factor, check_choice
 from gatelens.trace import DIRECTIONS, Recurrence, Trace
 
@@ -256,8 +256,8 @@ def _streams(trace: Trace, out_grads: Tensor) -> list[tuple[Recurrence, Tensor]]
     """
     model = trace.model
     if not model.bidirectional:
-        rec = trace.recurrence()
-        return [(rec, rec.cell.output_vjp(out_grads))]
+        rec = trace.recurrence()  # a model with reverse=True runs in its own (reversed) step order
+        return [(rec, rec.cell.output_vjp(rec.to_processing_order(out_grads)))]
     streams = []
     at_output = out_grads
     for layer in reversed(range(model.num_layers)):
@@ -446,21 +446,32 @@ def chain_norms(factors: dict[str, Factor]) -> dict[str, Tensor]:
     """Per chain, ‖Σ_b δ_bᵀ ⊗ u_b‖_F (a bias: ‖Σ_b δ_b‖): (chains,) per block.
 
     With the thin SVD u = P diag(σ) Vᵀ of the step's inputs (B × cols, one per distinct input), the contribution
-    is δᵀ P diag(σ) Vᵀ and, V having orthonormal rows, its norm is ‖diag(σ) Pᵀ δ‖_F: B·min(B, cols) work per
-    row of δ instead of B·cols, and exact to rounding even when the sequences' contributions cancel (a Gram-matrix
-    form would square them and lose half the digits).
+    is δᵀ P diag(σ) Vᵀ and, V having orthonormal rows, its norm is ‖diag(σ) Pᵀ δ‖_F (a bias: ‖1ᵀ δ‖): B·min(B, cols)
+    work per row of δ instead of B·cols, and exact to rounding even when the sequences' contributions cancel (a
+    Gram-matrix form would square them and lose half the digits). The blocks sharing an adjoint stack their rows
+    σ_j p_jᵀ (or 1ᵀ) into one product; the squares are summed in float64, and a float64 norm outside the range
+    where that is exact is recomputed with :func:`frobenius`.
     """
     norms = {}
     bases: dict[int, Tensor] = {}  # id(inputs) ↦ (min(B, cols), B) rows σ_j p_jᵀ
     for adjoint, members in _grouped(factors):
-        for name, inputs in members:
+        rows = []
+        for _, inputs in members:
             if inputs is None:
-                norms[name] = frobenius(adjoint.sum(-2), dims=1)
+                rows.append(adjoint.new_ones(1, adjoint.shape[-2]))
                 continue
             if id(inputs) not in bases:
                 left, singular, _ = torch.linalg.svd(inputs, full_matrices=False)
                 bases[id(inputs)] = singular.unsqueeze(-1) * left.mT
-            norms[name] = frobenius(bases[id(inputs)] @ adjoint, dims=2)
+            rows.append(bases[id(inputs)])
+        projected = torch.cat(rows, dim=-2) @ adjoint  # (chains, Σ rows, adjoint rows)
+        squares = torch.linalg.vector_norm(projected, dim=-1, dtype=torch.float64).square()  # (chains, Σ rows)
+        sizes = [r.shape[-2] for r in rows]
+        for (name, _), part, block in zip(members, squares.split(sizes, dim=-1), projected.split(sizes, dim=-2)):
+            norm = part.sum(-1).sqrt()
+            if adjoint.dtype == torch.float64 and bool(((norm < SAFE_RANGE[0]) | (norm > SAFE_RANGE[1])).any()):
+                norm = frobenius(block, dims=2)
+            norms[name] = norm.to(adjoint.dtype)
     return norms
 
 

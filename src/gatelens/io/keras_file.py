@@ -51,7 +51,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,13 +110,18 @@ def from_keras(source: str | Path, *, layer: int | str | None = None) -> Model:
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, str))):
         raise TypeError(f"layer must be an index (int) or a layer name (str), got {type(layer).__name__}")
     h5py = _h5py()
-    if zipfile.is_zipfile(path):
-        return _from_archive(path, layer, h5py)
-    if h5py.is_hdf5(path):
-        with _open_h5(h5py, path, path) as h5:
-            return _from_h5(path, h5, layer, h5py)
+    try:
+        if zipfile.is_zipfile(path):
+            return _from_archive(path, layer, h5py)
+        if h5py.is_hdf5(path):
+            with _open_h5(h5py, path, path) as h5:
+                return _from_h5(path, h5, layer, h5py)
+    except UNREADABLE as error:  # damaged or malformed content, whatever part of the file it is in
+        raise ValueError(f"{path} is not a readable Keras file: {type(error).__name__}: {error}") from None
     with open(path, "rb") as f:
         head = f.read(8)
+    if head.startswith(b"PK"):
+        raise ValueError(f"{path} is not a readable Keras file: a zip archive that is truncated or corrupt")
     raise ValueError(
         f"{path} is not a readable Keras file: it is neither a zip archive (.keras) nor an HDF5 file (.h5); "
         f"it starts with {head!r}"
@@ -123,6 +130,10 @@ def from_keras(source: str | Path, *, layer: int | str | None = None) -> Model:
 
 # ---------------------------------------------------------------------------------------------------------------
 # file layouts
+
+
+# What a damaged zip, JSON or HDF5 file, or a config of the wrong structure, raises while being read.
+UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, RecursionError, KeyError, AttributeError, TypeError, IndexError)
 
 
 def _h5py() -> Any:
@@ -240,12 +251,28 @@ def _recurrent_layers(config: Any, path: Path) -> list[_Layer]:
     found: list[_Layer] = []
     others: list[str] = []
     _walk(config, "", "", None, found, others)
+    if "Masking" in others or _masks_zero(config):
+        warnings.warn(
+            f"{path}: the model masks steps (a Masking layer or mask_zero=True); gatelens does not read masks: pass "
+            f"lengths= to trace for padded sequences (steps masked inside a sequence cannot be expressed)",
+            UserWarning,
+            stacklevel=4,
+        )
     if not found:
         listed = ", ".join(dict.fromkeys(others)) or "none"
         raise ValueError(
             f"{path} holds no recurrent layer (GRU, LSTM, SimpleRNN); the layer classes found are: {listed}"
         )
     return found
+
+
+def _masks_zero(config: Any) -> bool:
+    """Whether any layer config in the tree sets mask_zero=True (an Embedding that masks padding)."""
+    if isinstance(config, dict):
+        return config.get("mask_zero") is True or any(_masks_zero(value) for value in config.values())
+    if isinstance(config, list):
+        return any(_masks_zero(value) for value in config)
+    return False
 
 
 def _layers_of(entry: dict[str, Any]) -> list[Any] | None:
@@ -434,7 +461,7 @@ def _keras3_arrays(h5: Any, direction: _Direction, path: Path, h5py: Any) -> dic
     if indices != [str(i) for i in range(len(indices))] or len(indices) not in (2, 3):
         raise ValueError(f"{path}: expected {key}/0, 1 and (with a bias) 2, found {sorted(group.keys())}")
     roles = ("kernel", "recurrent_kernel", "bias")
-    return {role: _array(group[i], f"{key}/{i}", path, h5py) for role, i in zip(roles, indices)}
+    return {role: _array(_group(group, i, path, h5py), f"{key}/{i}", path, h5py) for role, i in zip(roles, indices)}
 
 
 def _locate(h5: Any, direction: _Direction, path: Path, h5py: Any) -> str:

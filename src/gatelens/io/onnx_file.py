@@ -310,6 +310,8 @@ def _check_shapes(
     if r.ndim != 3:
         raise ValueError(f"{where}: R has shape {r.shape}; expected (num_directions, {gates}·H, H)")
     hidden = r.shape[-1]
+    if hidden == 0:
+        raise ValueError(f"{where}: R has shape {r.shape}: a hidden size of 0")
     if hidden_size is not None and hidden_size != hidden:
         raise ValueError(f"{where}: hidden_size={hidden_size} but R has shape {r.shape} (H = {hidden})")
     expected = {
@@ -332,6 +334,8 @@ def _activations(op: str, attributes: dict[str, Any], directions: int, where: st
     names = attributes.get("activations")
     if names is None:
         names = list(DEFAULT_ACTIVATIONS[op]) * directions
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{where}: activations must be a list of names (strings), got {names!r:.80}")
     if len(names) != len(roles) * directions:
         raise ValueError(
             f"{where} lists {len(names)} activations {names}; a {op} with {directions} direction(s) needs "
