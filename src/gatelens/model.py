@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import as_float_tensor, as_lengths, check_finite, check_shape
-from gatelens.cells.base import Cell, stack_caches
+from gatelens.cells.base import Cell, Clamp, stack_caches
 from gatelens.cells.stack import Stack
 from gatelens.trace import Recurrence, Trace, gather_time
 
 InitialState = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor] | None
 FinalState = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
+StepClamps = Mapping[str, Clamp]  # recurrence name ↦ gate ↦ (value, where), each (T, B, U) in processing order
 
 
 def _layers_from(spec: Cell | Sequence[Cell | Sequence[Cell]]) -> tuple[tuple[Cell, ...], ...]:
@@ -145,13 +146,16 @@ class Model:
 
     # -----------------------------------------------------------------------------------------------------------
 
-    def trace(self, x: Any, h0: InitialState = None, *, lengths: Any = None) -> Trace:
+    def trace(
+        self, x: Any, h0: InitialState = None, *, lengths: Any = None, clamps: StepClamps | None = None
+    ) -> Trace:
         """Run the model on x and record every state and gate.
 
         x: (T, B, I), or (B, T, I) for a batch-first model, or (T, I) unbatched. The model moves to x's device.
         h0: as for the PyTorch module — (L·D, B, H_out), for an LSTM the pair (h0, c0) — or a dict mapping
             recurrence names (``"l0"``, …) to full states (B, S), or (S,) unbatched; zeros when omitted.
         lengths: (B,) true lengths for padded batches; steps past a sequence's end are the identity.
+        clamps: gates fixed to constants, by recurrence name; build them with :func:`gatelens.what_if`.
         """
         model = self
         if isinstance(x, Tensor) and x.device != self.device:
@@ -190,7 +194,8 @@ class Model:
             outputs = []
             for cell, order in zip(layer, orders):
                 name = next(names)
-                rec = _record(name, cell, gather_time(layer_input, order), initial[name], mask, order)
+                clamp = (clamps or {}).get(name)
+                rec = _record(name, cell, gather_time(layer_input, order), initial[name], mask, order, clamp)
                 recurrences[name] = rec
                 out = gather_time(cell.output(rec.states[1:]), order)  # back to the inputs' time order
                 outputs.append(out if mask is None else torch.where(mask[..., None], out, 0.0))
@@ -200,7 +205,14 @@ class Model:
             layer_input.squeeze(1) if unbatched else layer_input.transpose(0, 1) if self.batch_first else layer_input
         )
         final = model._final_state([rec.states[-1] for rec in recurrences.values()], unbatched)
-        return Trace(model=model, output=output, final_state=final, recurrences=recurrences, lengths=length)
+        return Trace(
+            model=model,
+            inputs=inputs.squeeze(1) if unbatched else inputs,
+            output=output,
+            final_state=final,
+            recurrences=recurrences,
+            lengths=length,
+        )
 
     def _uniform(self) -> bool:
         """Whether every cell has the same state and output sizes, as in a PyTorch module (h0/h_n as tensors)."""
@@ -269,11 +281,15 @@ def _time_order(steps: int, batch: int, mask: Tensor | None, device: torch.devic
     return torch.where(mask, lengths - 1 - i, i)
 
 
-def _record(name: str, cell: Cell, inputs: Tensor, state: Tensor, mask: Tensor | None, order: Tensor) -> Recurrence:
-    """Run one recurrence step by step, keeping every state and the gates of every step."""
+def _record(
+    name: str, cell: Cell, inputs: Tensor, state: Tensor, mask: Tensor | None, order: Tensor, clamp: Clamp | None
+) -> Recurrence:
+    """Run one recurrence step by step, keeping every state and the gates of every step; ``clamp`` holds (T, B, U)
+    values and masks per gate."""
     states, caches = [state], []
     for step in range(inputs.shape[0]):
-        new_state, cache = cell.step(inputs[step], state)
+        step_clamp = None if clamp is None else {gate: (v[step], w[step]) for gate, (v, w) in clamp.items()}
+        new_state, cache = cell.step(inputs[step], state, step_clamp)
         if mask is not None:  # past a sequence's end the state is carried unchanged
             new_state = torch.where(mask[step, :, None], new_state, state)
         states.append(new_state)

@@ -178,6 +178,7 @@ class Trace:
     """
 
     model: Model
+    inputs: Tensor  # x as traced: time-major (T, B, I), or (T, I) unbatched
     output: Tensor
     final_state: Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
     recurrences: dict[str, Recurrence]

@@ -10,6 +10,10 @@ gates are computed once in the forward pass and reused. Caches are dataclasses o
 dimensions are free: a cache recorded for one step has shape (B, ·), and the trace stacks T of them into (T, B, ·).
 All derivative methods broadcast over those leading dimensions, so one call serves every step at once.
 
+Gated cells also say how much of each memory unit's past survives a step (:meth:`Cell.memory_gates`, used by the
+regime analysis) and accept *clamps*: ``step(x, s, clamp={"z": (value, where)})`` replaces a gate by a constant
+where ``where`` is True, with slope 0 there (a constant has no derivative), for what-if experiments.
+
 The four derivatives, for s' = f(x, s; θ):
 
     jacobian_paths(cache)  {name: (..., S, S)}    named terms that sum exactly to J = ∂s'/∂s
@@ -42,6 +46,25 @@ from torch import Tensor
 from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, get_activation
 
 CellT = TypeVar("CellT", bound="Cell")
+Clamp = Mapping[str, tuple[Tensor, Tensor]]  # gate name ↦ (value, where), both broadcastable to (B, units)
+
+
+class MemoryGates(NamedTuple):
+    """How much of each memory unit's past survives one step, read from the gates; each (..., B, U).
+
+    carry  share of the unit's previous value kept as it is: GRU c (z for update "keep", 1 − z for "replace");
+           LSTM f (on the cell state); Elman 0.
+    admit  how open the route is by which the previous state enters the unit's new value through its candidate,
+           in [0, 1]: GRU reset "after" r_j; reset "before" ‖W_hn[j, :] ⊙ r‖ / ‖W_hn[j, :]‖ (the candidate of
+           unit j reads r ⊙ h, so its row is closed only where the other units' r close it too; 0 for a zero
+           row); LSTM i (the input gate on the candidate g); Elman 1.
+    gate   the unit's own gate on that route: GRU r_j, LSTM i_j, Elman 1 (equal to ``admit`` except for reset
+           "before").
+    """
+
+    carry: Tensor
+    admit: Tensor
+    gate: Tensor
 
 
 class Factor(NamedTuple):
@@ -68,6 +91,7 @@ class Cell(ABC):
     """One recurrent step with its cached gates and exact derivatives (see the module docstring)."""
 
     kind: ClassVar[str]
+    gate_names: ClassVar[tuple[str, ...]] = ()  # the gates a what-if clamp may fix
     weights: Mapping[str, Tensor]  # blocks by canonical name (W_hz, b_in, …; a stack prefixes l0., l1.)
     input_size: int
     state_size: int
@@ -79,8 +103,20 @@ class Cell(ABC):
         """Names of the terms returned by :meth:`jacobian_paths`, in a fixed order."""
 
     @abstractmethod
-    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Any]:
-        """x (..., I), state (..., S) ↦ (new state (..., S), cache)."""
+    def step(self, x: Tensor, state: Tensor, clamp: Clamp | None = None) -> tuple[Tensor, Any]:
+        """x (..., I), state (..., S) ↦ (new state (..., S), cache); ``clamp`` fixes gates (module docstring)."""
+
+    @abstractmethod
+    def memory_gates(self, cache: Any) -> MemoryGates:
+        """Carry, admit and gate per memory unit (see :class:`MemoryGates`)."""
+
+    def state_labels(self) -> list[str]:
+        """A short name for every entry of the state: h0, h1, … (an LSTM adds c0, c1, …)."""
+        return [f"h{j}" for j in range(self.state_size)]
+
+    def unit_labels(self) -> list[str]:
+        """A short name for every memory unit of :meth:`memory_gates`: h0, h1, … (an LSTM's cells c0, c1, …)."""
+        return [f"h{j}" for j in range(self.hidden_size)]  # type: ignore[attr-defined]
 
     @abstractmethod
     def jacobian_paths(self, cache: Any) -> dict[str, Tensor]:
@@ -170,6 +206,20 @@ class Cell(ABC):
     @property
     def device(self) -> torch.device:
         return next(iter(self.weights.values())).device
+
+
+def clamped(name: str, gate: Tensor, slope: Tensor, clamp: Clamp | None) -> tuple[Tensor, Tensor]:
+    """A gate and its slope with ``clamp[name]`` applied: the given constant where clamped, and slope 0 there."""
+    if not clamp or name not in clamp:
+        return gate, slope
+    value, where = clamp[name]
+    return torch.where(where, value, gate), torch.where(where, 0.0, slope)
+
+
+def check_no_clamp(kind: str, clamp: Clamp | None) -> None:
+    """Refuse a clamp on a cell without gates."""
+    if clamp:
+        raise ValueError(f"{kind}: has no gates to clamp, got clamps for {sorted(clamp)}")
 
 
 def outer_sum(adjoint: Tensor, inputs: Tensor) -> Tensor:

@@ -18,7 +18,17 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import CANDIDATE_ACTIVATIONS, Activation, get_activation
-from gatelens.cells.base import Cell, Factor, affine, diag_times, sizing_block, uniform_weights
+from gatelens.cells.base import (
+    Cell,
+    Clamp,
+    Factor,
+    MemoryGates,
+    affine,
+    check_no_clamp,
+    diag_times,
+    sizing_block,
+    uniform_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -75,11 +85,17 @@ class Elman(Cell):
     def path_names(self) -> tuple[str, ...]:
         return ("recurrent",)
 
-    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, ElmanCache]:
+    def step(self, x: Tensor, state: Tensor, clamp: Clamp | None = None) -> tuple[Tensor, ElmanCache]:
+        check_no_clamp("an Elman cell", clamp)
         w = self.weights
         a = affine(x, w["W_ih"], w.get("b_ih")) + affine(state, w["W_hh"], w.get("b_hh"))
         new_h = self._phi.function(a)
         return new_h, ElmanCache(x=x, h=state, dphi=self._phi.derivative(a, new_h))
+
+    def memory_gates(self, cache: ElmanCache) -> MemoryGates:
+        """No gates: nothing is carried (0), the past always enters (1)."""
+        zeros = torch.zeros_like(cache.dphi)
+        return MemoryGates(carry=zeros, admit=zeros + 1, gate=zeros + 1)
 
     def jacobian_paths(self, cache: ElmanCache) -> dict[str, Tensor]:
         return {"recurrent": diag_times(cache.dphi, self.weights["W_hh"])}

@@ -33,9 +33,12 @@ from torch import Tensor
 from gatelens.activations import Activation
 from gatelens.cells.base import (
     Cell,
+    Clamp,
     Factor,
+    MemoryGates,
     affine,
     check_choice,
+    clamped,
     diag_times,
     sizing_block,
     uniform_weights,
@@ -75,6 +78,7 @@ class GRU(Cell):
     gate: str = "sigmoid"
     candidate: str = "tanh"
     kind = "GRU"
+    gate_names = ("r", "z")
     _gate: Activation = field(init=False, repr=False)
     _candidate: Activation = field(init=False, repr=False)
 
@@ -120,12 +124,14 @@ class GRU(Cell):
     def path_names(self) -> tuple[str, ...]:
         return ("carry", "update", "candidate", "reset")
 
-    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, GRUCache]:
+    def step(self, x: Tensor, state: Tensor, clamp: Clamp | None = None) -> tuple[Tensor, GRUCache]:
         w, b = self.weights, self.weights.get
         h = state
         a_r = affine(x, w["W_ir"], b("b_ir")) + affine(h, w["W_hr"], b("b_hr"))
         a_z = affine(x, w["W_iz"], b("b_iz")) + affine(h, w["W_hz"], b("b_hz"))
         r, z = self._gate.function(a_r), self._gate.function(a_z)
+        r, dr = clamped("r", r, self._gate.derivative(a_r, r), clamp)
+        z, dz = clamped("z", z, self._gate.derivative(a_z, z), clamp)
         if self.reset == "after":
             u = affine(h, w["W_hn"], b("b_hn"))
             a_n = affine(x, w["W_in"], b("b_in")) + r * u
@@ -135,18 +141,18 @@ class GRU(Cell):
         n = self._candidate.function(a_n)
         c = self._carry(z)
         new_h = c * h + (1 - c) * n
-        cache = GRUCache(
-            x=x,
-            h=h,
-            r=r,
-            z=z,
-            n=n,
-            dr=self._gate.derivative(a_r, r),
-            dz=self._gate.derivative(a_z, z),
-            dn=self._candidate.derivative(a_n, n),
-            u=u,
-        )
+        cache = GRUCache(x=x, h=h, r=r, z=z, n=n, dr=dr, dz=dz, dn=self._candidate.derivative(a_n, n), u=u)
         return new_h, cache
+
+    def memory_gates(self, cache: GRUCache) -> MemoryGates:
+        """carry c, gate r, and admit r (reset "after") or ‖W_hn[j, :] ⊙ r‖ / ‖W_hn[j, :]‖ (reset "before")."""
+        if self.reset == "after":
+            return MemoryGates(carry=self._carry(cache.z), admit=cache.r, gate=cache.r)
+        squared = self.weights["W_hn"].square()
+        row = squared.sum(-1)
+        admitted = (cache.r.square() @ squared.T).sqrt()
+        admit = torch.where(row > 0, admitted / row.sqrt().clamp_min(torch.finfo(row.dtype).tiny), 0.0)
+        return MemoryGates(carry=self._carry(cache.z), admit=admit, gate=cache.r)
 
     def _carry(self, z: Tensor) -> Tensor:
         """c: the share of the old state kept, z ("keep") or 1 − z ("replace")."""

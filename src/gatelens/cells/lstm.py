@@ -28,7 +28,17 @@ import torch
 from torch import Tensor
 
 from gatelens.activations import Activation
-from gatelens.cells.base import Cell, Factor, affine, diag_times, sizing_block, uniform_weights
+from gatelens.cells.base import (
+    Cell,
+    Clamp,
+    Factor,
+    MemoryGates,
+    affine,
+    clamped,
+    diag_times,
+    sizing_block,
+    uniform_weights,
+)
 
 GATES = ("i", "f", "g", "o")
 
@@ -61,6 +71,7 @@ class LSTM(Cell):
     gate: str = "sigmoid"
     candidate: str = "tanh"
     kind = "LSTM"
+    gate_names = ("i", "f", "o")
     _gate: Activation = field(init=False, repr=False)
     _candidate: Activation = field(init=False, repr=False)
 
@@ -108,11 +119,15 @@ class LSTM(Cell):
     def path_names(self) -> tuple[str, ...]:
         return ("carry", "forget", "input", "candidate", "output")
 
-    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, LSTMCache]:
+    def step(self, x: Tensor, state: Tensor, clamp: Clamp | None = None) -> tuple[Tensor, LSTMCache]:
         w = self.weights
         h, c = state[..., : self.output_size], state[..., self.output_size :]
         a = {g: affine(x, w[f"W_i{g}"], w.get(f"b_i{g}")) + affine(h, w[f"W_h{g}"], w.get(f"b_h{g}")) for g in GATES}
-        i, f, o = (self._gate.function(a[g]) for g in "ifo")
+        gates = {}
+        for name in self.gate_names:
+            value = self._gate.function(a[name])
+            gates[name] = clamped(name, value, self._gate.derivative(a[name], value), clamp)
+        (i, di), (f, df), (o, do) = gates["i"], gates["f"], gates["o"]
         g = self._candidate.function(a["g"])
         new_c = f * c + i * g
         tc = self._candidate.function(new_c)
@@ -125,14 +140,24 @@ class LSTM(Cell):
             f=f,
             g=g,
             o=o,
-            di=self._gate.derivative(a["i"], i),
-            df=self._gate.derivative(a["f"], f),
+            di=di,
+            df=df,
             dg=self._candidate.derivative(a["g"], g),
-            do=self._gate.derivative(a["o"], o),
+            do=do,
             tc=tc,
             dtc=self._candidate.derivative(new_c, tc),
         )
         return torch.cat([new_h, new_c], dim=-1), cache
+
+    def memory_gates(self, cache: LSTMCache) -> MemoryGates:
+        """Per cell unit: carry f, admit and gate i (the input gate on the candidate)."""
+        return MemoryGates(carry=cache.f, admit=cache.i, gate=cache.i)
+
+    def state_labels(self) -> list[str]:
+        return [f"h{j}" for j in range(self.output_size)] + [f"c{j}" for j in range(self.hidden_size)]
+
+    def unit_labels(self) -> list[str]:
+        return [f"c{j}" for j in range(self.hidden_size)]
 
     def _project(self, m: Tensor) -> Tensor:
         """h' = W_proj m, or m without a projection."""

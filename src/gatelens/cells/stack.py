@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gatelens.cells.base import Cell, Factor
+from gatelens.cells.base import Cell, Clamp, Factor, MemoryGates, check_no_clamp
 
 
 @dataclass(frozen=True, eq=False, init=False, repr=False)
@@ -75,7 +75,8 @@ class Stack(Cell):
             bounds.append(bounds[-1] + cell.state_size)
         return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
-    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
+    def step(self, x: Tensor, state: Tensor, clamp: Clamp | None = None) -> tuple[Tensor, tuple[Any, ...]]:
+        check_no_clamp("a Stack (clamp each layer's gates instead)", clamp)
         new_states, caches = [], []
         layer_input = x
         for cell, part in zip(self.cells, self._slices()):
@@ -84,6 +85,17 @@ class Stack(Cell):
             caches.append(cache)
             layer_input = cell.output(new_state)
         return torch.cat(new_states, dim=-1), tuple(caches)
+
+    def memory_gates(self, cache: tuple[Any, ...]) -> MemoryGates:
+        """Every layer's memory units side by side."""
+        layers = [cell.memory_gates(layer_cache) for cell, layer_cache in zip(self.cells, cache)]
+        return MemoryGates(*(torch.cat(parts, dim=-1) for parts in zip(*layers)))
+
+    def state_labels(self) -> list[str]:
+        return [f"l{index}.{label}" for index, cell in enumerate(self.cells) for label in cell.state_labels()]
+
+    def unit_labels(self) -> list[str]:
+        return [f"l{index}.{label}" for index, cell in enumerate(self.cells) for label in cell.unit_labels()]
 
     def _feeds(self, cache: tuple[Any, ...]) -> list[Tensor | None]:
         """K^l = ∂s^l_t/∂s^{l−1}_t for l ≥ 1 (None for layer 0), shape (..., S_l, S_{l−1})."""
