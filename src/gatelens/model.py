@@ -160,7 +160,7 @@ class Model:
         model = self
         if isinstance(x, Tensor) and x.device != self.device:
             model = self.to(x.device)
-        inputs = as_float_tensor(x, "x", model.dtype, model.device)
+        given = inputs = as_float_tensor(x, "x", model.dtype, model.device)
         unbatched = inputs.dim() == 2
         if inputs.dim() not in (2, 3):
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
@@ -207,7 +207,7 @@ class Model:
         final = model._final_state([rec.states[-1] for rec in recurrences.values()], unbatched)
         return Trace(
             model=model,
-            inputs=inputs.squeeze(1) if unbatched else inputs,
+            inputs=given,
             output=output,
             final_state=final,
             recurrences=recurrences,

@@ -56,8 +56,9 @@ class Recurrence:
         """T, the number of steps."""
         return self.states.shape[0] - 1
 
-    def _step_index(self, steps: Steps) -> int | slice | Tensor:
-        """``steps`` as an int, a slice or a 1-D long tensor of indices in −T..T−1."""
+    def step_index(self, steps: Steps) -> int | slice | Tensor:
+        """``steps`` (an int, a slice or a list of 0-based step indices in −T..T−1) checked, as an int, a slice or
+        a 1-D long tensor."""
         if isinstance(steps, slice):
             return steps
         if isinstance(steps, (bool, np.bool_)):
@@ -82,7 +83,7 @@ class Recurrence:
         """The cache, mask and leading shape ((T, B), or (B,) for one step) of the chosen steps."""
         if steps is None:
             return self.cache, self.mask, tuple(self.input_index.shape)
-        index = self._step_index(steps)
+        index = self.step_index(steps)
         mask = None if self.mask is None else self.mask[index]
         return map_cache(lambda tensor: tensor[index], self.cache), mask, tuple(self.input_index[index].shape)
 
@@ -178,7 +179,7 @@ class Trace:
     """
 
     model: Model
-    inputs: Tensor  # x as traced: time-major (T, B, I), or (T, I) unbatched
+    inputs: Tensor  # x as traced, in the model's layout: (T, B, I), (B, T, I) if batch-first, or (T, I)
     output: Tensor
     final_state: Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
     recurrences: dict[str, Recurrence]

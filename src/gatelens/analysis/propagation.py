@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from gatelens.analysis.norms import frobenius
+from gatelens.analysis.serialize import json_list
 from gatelens.trace import Trace
 
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
@@ -74,16 +75,11 @@ class Propagation:
     def to_dict(self) -> dict[str, Any]:
         """Anchors, log spectral and Frobenius norms by lag, ready for JSON: None where there is no such lag (NaN)
         and where the product is exactly zero (log-norm −inf), which JSON cannot hold."""
-
-        def listed(values: Tensor) -> list:
-            array = values.detach().cpu().double().numpy()
-            return np.where(np.isfinite(array), array, None).tolist()
-
         return {
             "recurrence": self.recurrence,
             "anchors": self.anchors.tolist(),
-            "log_norm": listed(self.log_norm),
-            "log_frobenius": listed(self.log_frobenius),
+            "log_norm": json_list(self.log_norm),
+            "log_frobenius": json_list(self.log_frobenius),
         }
 
 

@@ -1,0 +1,159 @@
+"""Lyapunov exponents of a recurrence driven by its inputs: the average growth rates of ∂h_t/∂h_0.
+
+The standard QR method (Benettin et al. 1980; Pascanu et al. 2013 use the largest exponent for RNNs) carries k
+orthonormal directions Q through the Jacobians and re-orthonormalises them at every step:
+
+    Q_0 = I[:, :k],      J_i Q_{i−1} = Q_i R_i   (QR),      λ_j = (1 / n) Σ_i log |R_i[j, j]|
+
+over the n counted steps (those at or after ``warmup``, inside the sequence). Warm-up steps still turn Q towards
+the dominant directions; they are only left out of the averages. λ_1 ≥ λ_2 ≥ … as n grows (the order is the
+order of the columns, not sorted). Exponents are in nats per step: a product of Jacobians grows like e^{λ_1 ℓ}
+over ℓ steps, so λ_1 < 0 means gradients vanish at the rate −λ_1, and λ_1 ≈ 0 that they are carried.
+
+Finite-time exponents are the same averages over consecutive windows of the counted steps; their spread gives a
+standard error for λ (the batch-means method), and ``running`` holds the estimate after every step, so whether
+the exponents have converged can be read off both. Nothing is stored beyond Q: the Jacobians are formed a chunk of
+steps at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gatelens.analysis.serialize import json_list
+from gatelens.model import InitialState, Model
+from gatelens.trace import Trace
+
+CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Lyapunov:
+    """Lyapunov exponents per sequence; build one with :func:`lyapunov`.
+
+    exponents (B, k); finite_time (W, B, k), window w covering step indices window_edges[w]..window_edges[w+1]−1;
+    stderr (B, k): the standard error of the mean of the finite-time exponents; running (T − warmup, B, k): the
+    estimate after each step; counted (B,): steps averaged per sequence.
+    """
+
+    recurrence: str
+    warmup: int
+    exponents: Tensor
+    finite_time: Tensor
+    window_edges: list[int]
+    stderr: Tensor
+    running: Tensor
+    counted: Tensor
+
+    @property
+    def largest(self) -> Tensor:
+        """max_j λ_j per sequence (B,)."""
+        return self.exponents.max(-1).values
+
+    def to_dict(self) -> dict[str, Any]:
+        """Exponents, finite-time exponents and standard errors, ready for JSON (None for NaN and ±inf)."""
+        return {
+            "recurrence": self.recurrence,
+            "warmup": self.warmup,
+            "exponents": json_list(self.exponents),
+            "stderr": json_list(self.stderr),
+            "finite_time": json_list(self.finite_time),
+            "window_edges": self.window_edges,
+            "counted": self.counted.tolist(),
+        }
+
+
+def lyapunov(
+    source: Model | Trace,
+    x: Any = None,
+    *,
+    h0: InitialState = None,
+    lengths: Any = None,
+    k: int | None = None,
+    warmup: int = 0,
+    windows: int = 10,
+    layer: int | None = None,
+    direction: str | None = None,
+) -> Lyapunov:
+    """The first k Lyapunov exponents (default: all S) of one recurrence (module docstring).
+
+    ``lyapunov(model, x, h0=, lengths=)`` traces x first; ``lyapunov(trace)`` uses a trace already recorded.
+    layer/direction choose the recurrence as in :meth:`Trace.recurrence`. ``windows`` consecutive windows of the
+    counted steps give the finite-time exponents.
+    """
+    trace = _trace(source, x, h0, lengths)
+    rec = trace.recurrence(layer, direction)
+    steps, batch = rec.input_index.shape
+    size = rec.cell.state_size
+    k = size if k is None else _count("k", k, 1, size)
+    warmup = _count("warmup", warmup, 0, steps - 1)
+    windows = _count("windows", windows, 1, steps - warmup)
+    dtype, device = rec.states.dtype, rec.states.device
+    directions = torch.eye(size, k, dtype=dtype, device=device).expand(batch, size, k)
+    log_growth = torch.empty(steps, batch, k, dtype=dtype, device=device)
+    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size))
+    for start in range(0, steps, chunk):
+        jacobians = rec.jacobians(steps=slice(start, min(steps, start + chunk)))
+        for offset, jacobian in enumerate(jacobians):
+            directions, r = torch.linalg.qr(jacobian @ directions)
+            log_growth[start + offset] = r.diagonal(dim1=-2, dim2=-1).abs().log()
+    counted = torch.arange(steps, device=device)[:, None] >= warmup
+    if rec.mask is not None:
+        counted = counted & rec.mask
+    log_growth = torch.where(counted[..., None], log_growth, 0.0)[warmup:]
+    counted = counted[warmup:]
+    counts = counted.sum(0)
+    edges = np.linspace(0, steps - warmup, windows + 1).round().astype(int).tolist()
+    finite_time = torch.stack([_mean(log_growth[a:b], counted[a:b]) for a, b in zip(edges, edges[1:])])
+    running = log_growth.cumsum(0) / counted.cumsum(0)[..., None]
+    return Lyapunov(
+        recurrence=rec.name,
+        warmup=warmup,
+        exponents=_mean(log_growth, counted),
+        finite_time=finite_time,
+        window_edges=[warmup + edge for edge in edges],
+        stderr=_standard_error(finite_time),
+        running=running,
+        counted=counts,
+    )
+
+
+def _trace(source: Any, x: Any, h0: InitialState, lengths: Any) -> Trace:
+    """The trace to analyse: ``source`` itself, or ``source.trace(x, h0, lengths=lengths)`` for a Model."""
+    if isinstance(source, Trace):
+        if x is not None or h0 is not None or lengths is not None:
+            raise TypeError("lyapunov(trace) takes no x, h0 or lengths: the trace already holds them")
+        return source
+    if isinstance(source, Model):
+        if x is None:
+            raise TypeError("lyapunov(model, x) needs the inputs x to drive the model")
+        return source.trace(x, h0, lengths=lengths)
+    raise TypeError(f"lyapunov needs a gatelens Model with inputs x, or a Trace; got {type(source).__name__}")
+
+
+def _count(name: str, value: Any, low: int, high: int) -> int:
+    """An int in low..high (not bool)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in {low}..{high} for this trace, got {value!r}")
+    return int(value)
+
+
+def _mean(log_growth: Tensor, counted: Tensor) -> Tensor:
+    """Σ log|R_jj| / (counted steps) per sequence and direction; NaN for a sequence with no counted step."""
+    return log_growth.sum(0) / counted.sum(0)[..., None]
+
+
+def _standard_error(finite_time: Tensor) -> Tensor:
+    """std(finite-time exponents over windows) / √(windows), ignoring NaN windows; NaN with fewer than 2."""
+    valid = ~finite_time.isnan()
+    n = valid.sum(0)
+    values = torch.where(valid, finite_time, 0.0)
+    mean = values.sum(0) / n
+    spread = torch.where(valid, finite_time - mean, 0.0).square().sum(0) / (n - 1)
+    return torch.where(n >= 2, (spread / n).sqrt(), math.nan)
