@@ -146,9 +146,7 @@ class Model:
 
     # -----------------------------------------------------------------------------------------------------------
 
-    def trace(
-        self, x: Any, h0: InitialState = None, *, lengths: Any = None, clamps: StepClamps | None = None
-    ) -> Trace:
+    def trace(self, x: Any, h0: InitialState = None, *, lengths: Any = None, clamps: StepClamps | None = None) -> Trace:
         """Run the model on x and record every state and gate.
 
         x: (T, B, I), or (B, T, I) for a batch-first model, or (T, I) unbatched. The model moves to x's device.

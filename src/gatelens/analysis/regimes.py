@@ -106,7 +106,7 @@ class Regimes:
 
     @cached_property
     def unit_kind(self) -> list[str]:
-        """"long-term", "short-term" or "mixed" per unit, by the rule in the module docstring."""
+        """ "long-term", "short-term" or "mixed" per unit, by the rule in the module docstring."""
         return [
             "long-term" if tau >= self.long_term else "short-term" if tau <= self.short_term else "mixed"
             for tau in self.timescale.tolist()

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from gatelens.cells.base import Clamp
-from gatelens.model import StepClamps
 from gatelens.trace import DIRECTIONS, Recurrence, Steps, Trace
 
 Units = int | Sequence[int] | Tensor | None
@@ -71,7 +70,8 @@ def _clamp(rec: Recurrence, clamp: Mapping[str, Any], units: Units, steps: Steps
         raise ValueError(f"clamp names gate(s) {unknown} that the {cell.kind} cell of {rec.name} lacks; {has}")
     dtype, device = rec.states.dtype, rec.states.device
     count = len(cell.unit_labels())
-    step_index = torch.arange(rec.steps, device=device)[rec.step_index(slice(None) if steps is None else steps)].reshape(-1)
+    chosen_steps = rec.step_index(slice(None) if steps is None else steps)
+    step_index = torch.arange(rec.steps, device=device)[chosen_steps].reshape(-1)
     unit_index = _unit_index(units, count).to(device)
     batch = rec.input_index.shape[1]
     where = torch.zeros(rec.steps, batch, count, dtype=torch.bool, device=device)
