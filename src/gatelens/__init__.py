@@ -7,9 +7,28 @@ J = trace.jacobians(layer=0)                # (T, B, S, S); J[i] = ∂h_{i+1}/�
 paths = trace.jacobian_paths(layer=0)       # {"carry", "update", "candidate", "reset"}, summing to J
 cm = gl.credit(trace, loss="last", head=head, targets=y)   # cm.total, cm.by_source, cm.by_lag, cm.norms
 pr = gl.propagation(trace)                  # log‖∂h_T/∂h_{T−ℓ}‖ for every lag ℓ; pr.horizon(eps=1e-3)
+rg = gl.regimes(trace)                      # carry / blocked / Elman-like / mixed per unit and step; timescales
+print(gl.explain(trace))                    # findings in plain language, each with its number
 """
 
-from gatelens.analysis import CreditMap, Propagation, credit, propagation
+from gatelens.analysis import (
+    Blocking,
+    CreditMap,
+    Explanation,
+    LocalGradients,
+    Lyapunov,
+    Propagation,
+    Regimes,
+    blocking,
+    credit,
+    explain,
+    local_gradients,
+    lyapunov,
+    probe_credits,
+    propagation,
+    regimes,
+    what_if,
+)
 from gatelens.cells import GRU, LSTM, Cell, Elman, Stack
 from gatelens.io import load
 from gatelens.model import Model
@@ -18,16 +37,28 @@ from gatelens.trace import Recurrence, Trace
 __all__ = [
     "GRU",
     "LSTM",
+    "Blocking",
     "Cell",
     "CreditMap",
     "Elman",
+    "Explanation",
+    "LocalGradients",
+    "Lyapunov",
     "Model",
     "Propagation",
     "Recurrence",
+    "Regimes",
     "Stack",
     "Trace",
+    "blocking",
     "credit",
+    "explain",
     "load",
+    "local_gradients",
+    "lyapunov",
+    "probe_credits",
     "propagation",
+    "regimes",
+    "what_if",
 ]
 __version__ = "0.1.0"

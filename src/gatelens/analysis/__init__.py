@@ -1,6 +1,8 @@
 """Analyses written once against the Cell protocol; nothing here branches on the architecture."""
 
+from gatelens.analysis.blocking import Blocking, BlockingEvent, blocking, probe_credits
 from gatelens.analysis.credit import CreditMap, credit
+from gatelens.analysis.explain import Explanation, Finding, explain
 from gatelens.analysis.local import LocalGradients, local_gradients
 from gatelens.analysis.lyapunov import Lyapunov, lyapunov
 from gatelens.analysis.propagation import Propagation, propagation
@@ -8,14 +10,21 @@ from gatelens.analysis.regimes import Regimes, regimes
 from gatelens.analysis.whatif import what_if
 
 __all__ = [
+    "Blocking",
+    "BlockingEvent",
     "CreditMap",
+    "Explanation",
+    "Finding",
     "LocalGradients",
     "Lyapunov",
     "Propagation",
     "Regimes",
+    "blocking",
     "credit",
+    "explain",
     "local_gradients",
     "lyapunov",
+    "probe_credits",
     "propagation",
     "regimes",
     "what_if",

@@ -1,0 +1,261 @@
+"""Blocking events: steps where rows of the Jacobian collapse, and what that does to each weight's gradient.
+
+Row j of J_m = ∂h_m/∂h_{m−1} *collapses* when ‖J_m[j, :]‖₂ < tol: almost nothing of the previous state reaches
+unit j at step m (a GRU with z_j ≈ r_j ≈ 0, an LSTM with f_j ≈ i_j ≈ 0, a dead ReLU unit). An *event* is a step
+of one sequence with at least one collapsed row.
+
+What an event does to the gradient follows from eq. (8). For a loss L (a credit map) and the event's sequence,
+every weight block's gradient G = ∂L/∂θ splits exactly into three parts by loss step t and source step k:
+
+    G_before = Σ_{t<m} Σ_{k≤t} C(t, k)     losses before the event: they never pass through J_m
+    G_across = Σ_{t≥m} Σ_{k<m} C(t, k)     credit carried across J_m to earlier source steps: cut when J_m ≈ 0
+    G_after  = Σ_{t≥m} Σ_{k≥m} C(t, k)     later source steps (k = m included): untouched by J_m
+
+With one loss at the last step (many-to-one) G_before = 0, so after a full block G ≈ G_after: the gradient of every
+weight, W_iz included, still arrives from the steps at and after the block; only credit to earlier steps is cut.
+With a loss at every step (many-to-many) G_before survives as well. ``transmission`` is the share of the later
+losses' adjoint that crosses the step, ‖ā J_m‖ / ‖ā‖ with ā = ∂(Σ_{t≥m} L_t)/∂h_m.
+
+The parts are computed from the credit map's own adjoints: one extra BPTT sweep per event, restricted to the
+event's sequence, gives ā for the losses t ≥ m; its parameter factors summed over k ≥ m and k < m give G_after
+and G_across.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gatelens.analysis.credit import CreditMap, credit
+from gatelens.analysis.norms import frobenius
+from gatelens.cells.base import Factor, map_cache
+from gatelens.trace import Recurrence, Trace
+
+CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
+PARTS = ("before", "across", "after")
+
+
+@dataclass(frozen=True)
+class BlockingEvent:
+    """One step (0-based index ``step``, i.e. J_{step+1}) of one sequence with collapsed rows.
+
+    parts[loss][block] holds the Frobenius norms of G_before, G_across, G_after and of G itself ("total") for that
+    sequence; transmission[loss] = ‖ā J‖ / ‖ā‖ (NaN where no later loss reaches the step).
+    """
+
+    recurrence: str
+    step: int
+    sequence: int
+    rows: list[str]
+    jacobian_norm: float
+    transmission: dict[str, float]
+    parts: dict[str, dict[str, dict[str, float]]]
+
+    def to_dict(self) -> dict[str, Any]:
+        def number(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+
+        return {
+            "recurrence": self.recurrence,
+            "step": self.step,
+            "sequence": self.sequence,
+            "rows": self.rows,
+            "jacobian_norm": self.jacobian_norm,
+            "transmission": {loss: number(value) for loss, value in self.transmission.items()},
+            "parts": self.parts,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Blocking:
+    """Blocking events of a trace; build with :func:`blocking`.
+
+    ``collapsed[name]`` (T, B) counts the collapsed rows of every step of recurrence ``name``; ``events`` details
+    the ``max_events`` most severe events (most rows collapsed, then smallest ‖J‖_F) out of ``total_events``.
+    """
+
+    tol: float
+    losses: list[str]
+    collapsed: dict[str, Tensor]
+    total_events: int
+    events: list[BlockingEvent]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tol": self.tol,
+            "losses": self.losses,
+            "total_events": self.total_events,
+            "steps_with_events": {name: (counts > 0).sum(1).tolist() for name, counts in self.collapsed.items()},
+            "events": [event.to_dict() for event in self.events],
+        }
+
+
+def blocking(
+    trace: Trace,
+    credits: CreditMap | Mapping[str, CreditMap] | None = None,
+    *,
+    tol: float = 0.1,
+    max_events: int = 20,
+    seed: int = 0,
+) -> Blocking:
+    """Find the steps whose Jacobian rows collapse (‖J[j, :]‖₂ < tol) and split each weight's gradient around the
+    most severe of them (module docstring), in every recurrence of the model.
+
+    credits: a credit map of the trace, or several by name; default: :func:`probe_credits` (a many-to-one and a
+    many-to-many probe loss drawn from ``seed``).
+    """
+    if not isinstance(trace, Trace):
+        raise TypeError(f"blocking needs a Trace (from model.trace(x)), got {type(trace).__name__}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
+        raise ValueError(f"max_events must be an int ≥ 0, got {max_events!r}")
+    maps = _credit_maps(trace, credits, seed)
+    streams = {rec.name: rec for rec, _ in next(iter(maps.values())).streams}
+    collapsed, candidates = {}, []
+    for name, rec in streams.items():
+        rows, norms = _row_norms(rec)
+        below = rows < tol
+        collapsed[name] = below.sum(-1)
+        for step, sequence in torch.nonzero(collapsed[name]).tolist():
+            labels = [rec.cell.state_labels()[j] for j in torch.nonzero(below[step, sequence]).flatten().tolist()]
+            candidates.append((name, step, sequence, labels, float(norms[step, sequence])))
+    candidates.sort(key=lambda event: (-len(event[3]), event[4]))
+    chosen = candidates[:max_events]
+    effects = {loss: _effects(cm, streams, chosen) for loss, cm in maps.items()}
+    events = [
+        BlockingEvent(
+            recurrence=name,
+            step=step,
+            sequence=sequence,
+            rows=labels,
+            jacobian_norm=norm,
+            transmission={loss: effects[loss][index][0] for loss in maps},
+            parts={loss: effects[loss][index][1] for loss in maps},
+        )
+        for index, (name, step, sequence, labels, norm) in enumerate(chosen)
+    ]
+    return Blocking(tol=float(tol), losses=list(maps), collapsed=collapsed, total_events=len(candidates), events=events)
+
+
+def probe_credits(trace: Trace, seed: int = 0) -> dict[str, CreditMap]:
+    """Credit maps of two probe losses with a fixed random readout w_t ~ N(0, I) drawn from ``seed``:
+
+    many-to-one   L = ⟨w, y_{L_b}⟩ at each sequence's last step
+    many-to-many  L = Σ_t ⟨w_t, y_t⟩ at every step
+
+    They stand in for a task's loss when none is given: what they show about blocking (which parts of eq. (8)
+    survive) holds for any readout, only the magnitudes differ.
+    """
+    output = trace.output
+    generator = torch.Generator().manual_seed(seed)
+    readout = torch.randn(output.shape, generator=generator, dtype=torch.float64).to(output.dtype).to(output.device)
+    time_major = readout.unsqueeze(1) if output.dim() == 2 else readout
+    if output.dim() == 3 and trace.model.batch_first:
+        time_major = time_major.transpose(0, 1)
+    steps, batch = time_major.shape[:2]
+    lengths = trace.lengths if trace.lengths is not None else torch.full((batch,), steps, device=output.device)
+    last = torch.arange(steps, device=output.device)[:, None] == (lengths - 1)[None, :]
+    last_only = torch.where(last[..., None], time_major, 0.0)
+    if output.dim() == 2:
+        last_only = last_only.squeeze(1)
+    elif trace.model.batch_first:
+        last_only = last_only.transpose(0, 1)
+    return {"many-to-one": credit(trace, last_only), "many-to-many": credit(trace, readout)}
+
+
+def _credit_maps(trace: Trace, credits: Any, seed: int) -> dict[str, CreditMap]:
+    """The credit maps by name, each checked to belong to ``trace``."""
+    if credits is None:
+        return probe_credits(trace, seed)
+    maps = {"loss": credits} if isinstance(credits, CreditMap) else credits
+    if not isinstance(maps, Mapping) or not maps or not all(isinstance(cm, CreditMap) for cm in maps.values()):
+        raise TypeError(f"credits must be a CreditMap or a non-empty dict of them, got {credits!r:.80}")
+    if any(cm.trace is not trace for cm in maps.values()):
+        raise ValueError("every credit map must be computed from this trace (gl.credit(trace, …))")
+    return dict(maps)
+
+
+def _row_norms(rec: Recurrence) -> tuple[Tensor, Tensor]:
+    """‖J_{i+1}[j, :]‖₂ (T, B, S) and ‖J_{i+1}‖_F (T, B); padded steps read as +inf (they are identities)."""
+    steps, batch = rec.input_index.shape
+    size = rec.cell.state_size
+    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size))
+    rows = torch.cat([frobenius(rec.jacobians(steps=slice(a, a + chunk)), dims=1) for a in range(0, steps, chunk)])
+    norms = frobenius(rows, dims=1)
+    if rec.mask is not None:
+        rows = torch.where(rec.mask[..., None], rows, math.inf)
+        norms = torch.where(rec.mask, norms, math.inf)
+    return rows, norms
+
+
+Effect = tuple[float, dict[str, dict[str, float]]]
+
+
+def _effects(cm: CreditMap, streams: dict[str, Recurrence], events: list[tuple[Any, ...]]) -> list[Effect]:
+    """(transmission, parts by block) of each event under one credit map, one sweep per sequence with events."""
+    gradients = {rec.name: g for rec, g in cm.streams}
+    results: dict[int, Effect] = {}
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, (name, _, sequence, _, _) in enumerate(events):
+        groups.setdefault((name, sequence), []).append(index)
+    for (name, sequence), members in groups.items():
+        rec = _one_sequence(streams[name], sequence)
+        g = gradients[name][:, sequence : sequence + 1]
+        adjoint = cm.adjoints[name][:, sequence : sequence + 1]
+        steps = [events[index][1] for index in members]
+        for index, effect in zip(members, _split(rec, g, adjoint, steps)):
+            results[index] = effect
+    return [results[index] for index in range(len(events))]
+
+
+def _one_sequence(rec: Recurrence, sequence: int) -> Recurrence:
+    """The recurrence restricted to one sequence (batch of one)."""
+    part = slice(sequence, sequence + 1)
+    return Recurrence(
+        name=rec.name,
+        cell=rec.cell,
+        states=rec.states[:, part],
+        cache=map_cache(lambda tensor: tensor[:, part], rec.cache),
+        mask=None if rec.mask is None else rec.mask[:, part],
+        input_index=rec.input_index[:, part],
+    )
+
+
+def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> list[Effect]:
+    """For events at step indices ``steps`` of a one-sequence recurrence with loss gradient g (T, 1, S) and
+    summed adjoint ā (T, 1, S): the transmission and the norms of G_before, G_across, G_after, G per block."""
+    count, total_steps = len(steps), rec.steps
+    index = torch.arange(total_steps, device=g.device)
+    starts = torch.tensor(steps, device=g.device)
+    later = (index[None, :] >= starts[:, None])[..., None, None]  # (E, T, 1, 1): loss or source step ≥ the event
+    later_g = torch.where(later, g, 0.0)
+    later_adjoint = torch.empty_like(later_g)  # ā for the losses t ≥ m, by BPTT
+    running = later_g[:, -1]
+    later_adjoint[:, -1] = running
+    for step in reversed(range(total_steps - 1)):
+        running = later_g[:, step] + rec.state_vjp(running, steps=step + 1)
+        later_adjoint[:, step] = running
+    at_event = later_adjoint[torch.arange(count), starts]  # (E, 1, S)
+    crossing = torch.stack([rec.state_vjp(at_event[e], steps=steps[e]) for e in range(count)])
+    transmission = frobenius(crossing, dims=2) / frobenius(at_event, dims=2)
+    factors = rec.param_factors(torch.cat([adjoint[None], later_adjoint]))
+    parts: list[dict[str, dict[str, float]]] = [{} for _ in steps]
+    for name, (delta, inputs) in factors.items():
+        total = Factor(delta[0], inputs).contract(batch_dims=2)
+        split = {  # δ is linear in the adjoint: each part contracts its own adjoint, with no cancellation
+            "before": Factor(delta[0] - delta[1:], inputs).contract(batch_dims=2),
+            "across": Factor(torch.where(later, 0.0, delta[1:]), inputs).contract(batch_dims=2),
+            "after": Factor(torch.where(later, delta[1:], 0.0), inputs).contract(batch_dims=2),
+        }
+        dims = total.dim()
+        norms = {part: frobenius(value, dims=dims).tolist() for part, value in split.items()}
+        total_norm = float(frobenius(total, dims=dims))
+        for e in range(count):
+            parts[e][name] = {part: norms[part][e] for part in PARTS} | {"total": total_norm}
+    return [(float(transmission[e]), parts[e]) for e in range(count)]
