@@ -2,8 +2,10 @@
 
 Run with `make demo`. The path share of path p at one step is ‖P_p‖_F / Σ_q ‖P_q‖_F (Frobenius norms of the
 named terms of J = ∂h_t/∂h_{t-1}), averaged over steps and sequences. The demo also answers the seed's blocking
-question with a credit map (where ∂L/∂W_iz comes from when z ≈ r ≈ 0 at one step) and prints the traced GRU's
-gradient horizon (propagation).
+question with a credit map (where ∂L/∂W_iz comes from when z ≈ r ≈ 0 at one step), prints the traced GRU's
+gradient horizon (propagation), compares a GRU and an Elman RNN of the same size (local gradients, horizon, top
+Lyapunov exponent), and ends with `gl.explain`'s findings for the GRU with its update and reset gates clamped to 0
+at one step (what-if).
 """
 
 from __future__ import annotations
@@ -90,6 +92,29 @@ def main() -> None:
 
     horizon = gl.propagation(trace).horizon(eps=1e-2)  # the stack, from the last step back
     console.print(f"gradient horizon of the 2-layer GRU (‖∂h_T/∂h_(T−ℓ)‖₂ < 1e-2) per sequence: {horizon[0].tolist()}")
+    gru_versus_elman(console, x)
+
+    blocked = gl.what_if(trace, clamp={"z": 0.0, "r": 0.0}, steps=[24])  # both layers, every unit, step 25
+    console.print("[bold]gl.explain[/bold] of the GRU with z = r = 0 clamped at step 25 (what-if):")
+    console.print(gl.explain(blocked).render(), markup=False)
+
+
+def gru_versus_elman(console: Console, x: torch.Tensor) -> None:
+    """Rehmer & Kroll's comparison at initialisation: local gradients, gradient horizon and top Lyapunov exponent."""
+    models = {
+        "GRU": gl.load(torch.nn.GRU(input_size=3, hidden_size=16)),
+        "Elman": gl.load(torch.nn.RNN(input_size=3, hidden_size=16)),
+    }
+    table = Table(title="GRU vs Elman RNN, 16 units, PyTorch's initialisation, same inputs")
+    for column in ("model", "local gradient median", "p95", "max", "horizon (median)", "λ₁ per step"):
+        table.add_column(column, justify="right")
+    for name, model in models.items():
+        trace = model.trace(x)
+        local = gl.local_gradients(trace).summary()["all"]
+        horizon = gl.propagation(trace).horizon(eps=1e-2)[0].float().median().item()
+        top = gl.lyapunov(trace, k=1, warmup=10).largest.mean().item()
+        table.add_row(name, *(f"{local[key]:.3f}" for key in ("median", "p95", "max")), f"{horizon:.0f}", f"{top:.3f}")
+    console.print(table)
 
 
 def blocking_credit(console: Console, steps: int = 20, blocked: int = 10) -> None:

@@ -204,7 +204,7 @@ def _blocking_findings(result: Blocking) -> list[Finding]:
         across = max(_across_share(value) for value in parts.values())
         smallest = min(parts, key=lambda block: parts[block]["total"])
         losses.append(
-            f"{loss}: a share {event.transmission[loss]:.2g} of the later losses' adjoint crosses it, the credit it "
+            f"{loss}: the later losses' adjoint crosses it with gain {event.transmission[loss]:.2g}, the credit it "
             f"carries to earlier steps is at most {across:.2g} of any weight's gradient, and the gradients remain "
             f"(smallest ‖∂L/∂{smallest}‖ = {parts[smallest]['total']:.3g})"
         )
