@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from gatelens.analysis.blocking import Blocking, blocking
 from gatelens.analysis.credit import CreditMap
 from gatelens.analysis.local import local_gradients
@@ -144,18 +146,21 @@ def _steps(value: float) -> str:
 
 
 def _horizon_finding(trace: Trace, layer: int | None, direction: str | None, eps: float) -> Finding:
-    result = propagation(trace, layer=layer, direction=direction)
-    horizons = result.horizon(eps)[0].tolist()
+    """The horizon from each sequence's own last step (its length − 1), so padding adds no identity lags."""
+    steps, batch = trace.recurrence(layer, direction).input_index.shape
+    last = trace.lengths.cpu() - 1 if trace.lengths is not None else torch.full((batch,), steps - 1)
+    anchors = torch.unique(last)
+    result = propagation(trace, anchors, layer=layer, direction=direction)
+    horizons = result.horizon(eps)[torch.searchsorted(anchors, last), torch.arange(batch)].tolist()
     reached = sorted(h for h in horizons if h >= 0)
-    lags = result.log_singular_values.shape[1] - 1
     if not reached:
-        text = f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} over all {lags} lags in every sequence: no vanishing here."
+        text = f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} over all lags in every sequence: no vanishing here."
         value = None
     else:
         value = float(reached[len(reached) // 2])
         text = (
             f"‖∂h_T/∂h_(T−ℓ)‖ falls below {eps:g} after ℓ = {value:.0f} steps (median of the {len(reached)} of "
-            f"{len(horizons)} sequences where it does; range {reached[0]}–{reached[-1]}, of {lags} lags)."
+            f"{len(horizons)} sequences where it does; range {reached[0]}–{reached[-1]}; T = {steps})."
         )
     return Finding("horizon", result.recurrence, text, value, {"eps": eps, "horizon": horizons})
 
