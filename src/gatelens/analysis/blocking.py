@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,7 +91,7 @@ class Blocking:
             "tol": self.tol,
             "losses": self.losses,
             "total_events": self.total_events,
-            "steps_with_events": {name: (counts > 0).sum(1).tolist() for name, counts in self.collapsed.items()},
+            "steps_with_events": {name: (counts > 0).sum(0).tolist() for name, counts in self.collapsed.items()},
             "events": [event.to_dict() for event in self.events],
         }
 
@@ -111,10 +112,11 @@ def blocking(
     """
     if not isinstance(trace, Trace):
         raise TypeError(f"blocking needs a Trace (from model.trace(x)), got {type(trace).__name__}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.number)) or not 0 < tol < math.inf:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
-    if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
+    if isinstance(max_events, (bool, np.bool_)) or not isinstance(max_events, (int, np.integer)) or max_events < 0:
         raise ValueError(f"max_events must be an int ≥ 0, got {max_events!r}")
+    max_events = int(max_events)
     maps = _credit_maps(trace, credits, seed)
     streams = {rec.name: rec for rec, _ in next(iter(maps.values())).streams}
     collapsed, candidates = {}, []
@@ -153,20 +155,21 @@ def probe_credits(trace: Trace, seed: int = 0) -> dict[str, CreditMap]:
     survive) holds for any readout, only the magnitudes differ.
     """
     output = trace.output
+    unbatched, batch_first = output.dim() == 2, output.dim() == 3 and trace.model.batch_first
+    steps, batch = (
+        (output.shape[1], output.shape[0]) if batch_first else (output.shape[0], 1 if unbatched else output.shape[1])
+    )
     generator = torch.Generator().manual_seed(seed)
-    readout = torch.randn(output.shape, generator=generator, dtype=torch.float64).to(output.dtype).to(output.device)
-    time_major = readout.unsqueeze(1) if output.dim() == 2 else readout
-    if output.dim() == 3 and trace.model.batch_first:
-        time_major = time_major.transpose(0, 1)
-    steps, batch = time_major.shape[:2]
+    shape = (steps, batch, output.shape[-1])  # drawn time-major, so the readout does not depend on the layout
+    time_major = torch.randn(shape, generator=generator, dtype=torch.float64).to(output.dtype).to(output.device)
     lengths = trace.lengths if trace.lengths is not None else torch.full((batch,), steps, device=output.device)
     last = torch.arange(steps, device=output.device)[:, None] == (lengths - 1)[None, :]
     last_only = torch.where(last[..., None], time_major, 0.0)
-    if output.dim() == 2:
-        last_only = last_only.squeeze(1)
-    elif trace.model.batch_first:
-        last_only = last_only.transpose(0, 1)
-    return {"many-to-one": credit(trace, last_only), "many-to-many": credit(trace, readout)}
+
+    def as_output(values: Tensor) -> Tensor:
+        return values.squeeze(1) if unbatched else values.transpose(0, 1) if batch_first else values
+
+    return {"many-to-one": credit(trace, as_output(last_only)), "many-to-many": credit(trace, as_output(time_major))}
 
 
 def _credit_maps(trace: Trace, credits: Any, seed: int) -> dict[str, CreditMap]:

@@ -206,12 +206,19 @@ def _blocking_findings(result: Blocking) -> list[Finding]:
     losses = []
     for loss in result.losses:
         parts = event.parts[loss]
+        if math.isnan(event.transmission[loss]):
+            losses.append(f"{loss}: no loss at or after it reaches it, so it cuts nothing")
+            continue
         across = max(_across_share(value) for value in parts.values())
         smallest = min(parts, key=lambda block: parts[block]["total"])
+        remain = (
+            f"the gradients remain (smallest ‖∂L/∂{smallest}‖ = {parts[smallest]['total']:.3g})"
+            if parts[smallest]["total"] > 0
+            else f"{smallest} gets no gradient from this sequence at all"
+        )
         losses.append(
             f"{loss}: the later losses' adjoint crosses it with gain {event.transmission[loss]:.2g}, the credit it "
-            f"carries to earlier steps is at most {across:.2g} of any weight's gradient, and the gradients remain "
-            f"(smallest ‖∂L/∂{smallest}‖ = {parts[smallest]['total']:.3g})"
+            f"carries to earlier steps is at most {across:.2g} of any weight's gradient, and {remain}"
         )
     text = (
         f"{result.total_events} step(s) have Jacobian rows below {result.tol:g}. The most severe, step index "
