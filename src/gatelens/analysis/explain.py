@@ -177,9 +177,7 @@ def _local_finding(trace: Trace, layer: int | None, direction: str | None) -> Fi
 
 
 def _lyapunov_finding(trace: Trace, layer: int | None, direction: str | None) -> Finding:
-    result = lyapunov(
-        trace, k=1, windows=min(10, trace.recurrence(layer, direction).steps), layer=layer, direction=direction
-    )
+    result = lyapunov(trace, k=1, layer=layer, direction=direction)
     exponents = result.largest.tolist()
     mean = sum(exponents) / len(exponents)
     if mean == -math.inf:

@@ -31,6 +31,7 @@ from gatelens.model import InitialState, Model
 from gatelens.trace import Trace
 
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
+DEFAULT_WINDOWS = 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +78,7 @@ def lyapunov(
     lengths: Any = None,
     k: int | None = None,
     warmup: int = 0,
-    windows: int = 10,
+    windows: int | None = None,
     layer: int | None = None,
     direction: str | None = None,
 ) -> Lyapunov:
@@ -85,7 +86,7 @@ def lyapunov(
 
     ``lyapunov(model, x, h0=, lengths=)`` traces x first; ``lyapunov(trace)`` uses a trace already recorded.
     layer/direction choose the recurrence as in :meth:`Trace.recurrence`. ``windows`` consecutive windows of the
-    counted steps give the finite-time exponents.
+    counted steps give the finite-time exponents (default: 10, or one per counted step when there are fewer).
     """
     trace = _trace(source, x, h0, lengths)
     rec = trace.recurrence(layer, direction)
@@ -93,7 +94,7 @@ def lyapunov(
     size = rec.cell.state_size
     k = size if k is None else _count("k", k, 1, size)
     warmup = _count("warmup", warmup, 0, steps - 1)
-    windows = _count("windows", windows, 1, steps - warmup)
+    windows = min(DEFAULT_WINDOWS, steps - warmup) if windows is None else _count("windows", windows, 1, steps - warmup)
     dtype, device = rec.states.dtype, rec.states.device
     directions = torch.eye(size, k, dtype=dtype, device=device).expand(batch, size, k)
     log_growth = torch.empty(steps, batch, k, dtype=dtype, device=device)
@@ -103,7 +104,7 @@ def lyapunov(
         for offset, jacobian in enumerate(jacobians):
             directions, r = torch.linalg.qr(jacobian @ directions)
             log_growth[start + offset] = r.diagonal(dim1=-2, dim2=-1).abs().log()
-    counted = torch.arange(steps, device=device)[:, None] >= warmup
+    counted = (torch.arange(steps, device=device)[:, None] >= warmup).expand(steps, batch)
     if rec.mask is not None:
         counted = counted & rec.mask
     log_growth = torch.where(counted[..., None], log_growth, 0.0)[warmup:]

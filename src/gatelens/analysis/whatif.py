@@ -96,7 +96,9 @@ def _unit_index(units: Units, count: int) -> Tensor:
         index = torch.as_tensor(units).reshape(-1)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(expected) from None
-    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex() or index.numel() == 0:
+    if index.numel() == 0:
+        return index.long()  # no unit chosen: nothing is clamped
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
         raise TypeError(expected)
     if int(index.min()) < 0 or int(index.max()) >= count:
         raise ValueError(f"units must lie in 0..{count - 1}, got {index.tolist()}")
