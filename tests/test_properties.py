@@ -93,3 +93,31 @@ def test_stacked_trace_jacobians_chain_to_the_end_to_end_derivative(
     expected = jacrev(run)(rec.states[0, :1])[:, 0]
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4
     assert relative_error(product[0], expected) <= tolerance
+
+
+@settings(max_examples=30, deadline=None)
+@given(cell=cells(), steps=st.integers(1, 6), batch=st.integers(1, 3), seed=seeds, data=st.data())
+def test_gate_analyses_hold_their_identities(
+    cell: gl.Cell, steps: int, batch: int, seed: int, data: st.DataObject
+) -> None:
+    """Over random cells: the Lyapunov sum equals the log-volume growth Σ_i log|det J_i| per counted step; clamping
+    a gate to the value it already has changes nothing but its slope; the regime census sums to one."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch, cell.input_size, generator=generator, dtype=torch.float64)
+    trace = gl.Model(cell).trace(x)
+    jacobians = trace.jacobians()
+    log_volume = torch.linalg.slogdet(jacobians).logabsdet.sum(0) / steps  # (B,)
+    exponents = gl.lyapunov(trace).exponents.sum(-1)
+    finite = torch.isfinite(log_volume)
+    assert torch.allclose(exponents[finite], log_volume[finite], rtol=1e-8, atol=1e-8)
+    assert torch.equal(torch.isfinite(exponents), finite)
+
+    census = gl.regimes(trace, data.draw(st.floats(0.01, 0.49))).census
+    assert abs(float(census.sum()) - 1) <= 1e-12
+
+    if cell.gate_names:
+        gate = data.draw(st.sampled_from(cell.gate_names))
+        step = data.draw(st.integers(0, steps - 1))
+        value = getattr(trace.recurrence().cache, gate)[step, 0]  # sequence 0's own gate values at that step
+        clamped = gl.what_if(trace, {gate: value.unsqueeze(0).expand(batch, -1)}, steps=step)
+        assert relative_error(clamped.output[step, 0], trace.output[step, 0]) <= 1e-12
