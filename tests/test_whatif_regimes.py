@@ -930,8 +930,8 @@ def test_clamp_of_a_gate_one_layer_lacks() -> None:
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"units": [4]}, ValueError, r"units must lie in 0\.\.3, got \[4\]"),
-        ({"units": -1}, ValueError, r"units must lie in 0\.\.3, got \[-1\]"),
+        ({"units": [4]}, ValueError, r"units must lie in 0\.\.3 \(the units of l0\), got \[4\]"),
+        ({"units": -1}, ValueError, r"units must lie in 0\.\.3 \(the units of l0\), got \[-1\]"),
         ({"units": [0.5]}, TypeError, r"units must be an int or a list of ints in 0\.\.3"),
         ({"units": 1.0}, TypeError, r"units must be an int or a list of ints"),
         ({"units": True}, TypeError, r"units must be an int or a list of ints"),
@@ -1002,3 +1002,39 @@ def test_regimes_and_what_if_are_exported_at_the_top_level() -> None:
     assert getattr(gl, "regimes", None) is regimes
     assert getattr(gl, "what_if", None) is what_if
     assert getattr(gl, "Regimes", None) is Regimes
+
+
+def test_clamps_add_up_over_nested_what_ifs() -> None:
+    model = gl.Model(gl.GRU.random(3, 4, seed=1, dtype=F64))
+    trace = model.trace(torch.randn(6, 2, 3, dtype=F64))
+    blocked = what_if(trace, {"z": 0.0, "r": 0.0}, steps=[2])
+    assert torch.equal(what_if(blocked, {}).jacobians(), blocked.jacobians())
+    both = what_if(blocked, {"z": 1.0}, steps=[4])
+    assert both.jacobians()[2].abs().max() == 0
+    assert torch.equal(both.jacobians()[4], torch.eye(4, dtype=F64).expand(2, 4, 4))
+    overridden = what_if(blocked, {"z": 1.0}, steps=[2])  # the later clamp takes over on the same gate and step
+    assert torch.equal(overridden.recurrences["l0"].cache.z[2], torch.ones(2, 4, dtype=F64))
+    assert torch.equal(overridden.recurrences["l0"].cache.r[2], torch.zeros(2, 4, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    ("clamps", "message"),
+    [
+        ({"L0": {}}, r"clamps name recurrence\(s\) \['L0'\]; this model has \['l0'\]"),
+        ({"l0": {"Z": None}}, r"names gate\(s\) \['Z'\]"),
+        ({"l0": {"z": (torch.zeros(3), torch.ones(6, 2, 4, dtype=torch.bool))}}, r"must be a pair \(values, where\)"),
+        ({"l0": {"z": (0.0, torch.ones(6, 2, 4, dtype=torch.bool))}}, r"must be a pair \(values, where\)"),
+        ({"l0": {"z": torch.zeros(6, 2, 4)}}, r"must be a pair \(values, where\)"),
+    ],
+)
+def test_model_trace_checks_its_clamps(clamps: dict, message: str) -> None:
+    model = gl.Model(gl.GRU.random(3, 4, seed=1, dtype=F64))
+    with pytest.raises(ValueError, match=message):
+        model.trace(torch.randn(6, 2, 3, dtype=F64), clamps=clamps)
+
+
+def test_a_trace_records_values_not_a_graph() -> None:
+    x = torch.randn(6, 2, 3, dtype=F64, requires_grad=True)
+    trace = gl.Model(gl.GRU.random(3, 4, seed=1, dtype=F64)).trace(x)
+    assert not trace.output.requires_grad and not trace.recurrences["l0"].cache.z.requires_grad
+    assert not gl.local_gradients(trace).total.requires_grad

@@ -153,12 +153,15 @@ class Model:
         h0: as for the PyTorch module — (L·D, B, H_out), for an LSTM the pair (h0, c0) — or a dict mapping
             recurrence names (``"l0"``, …) to full states (B, S), or (S,) unbatched; zeros when omitted.
         lengths: (B,) true lengths for padded batches; steps past a sequence's end are the identity.
-        clamps: gates fixed to constants, by recurrence name; build them with :func:`gatelens.what_if`.
+        clamps: gates fixed to constants: recurrence name ↦ gate ↦ (values, where), both (T, B, U) in the
+            recurrence's processing order (``where`` boolean); usually built by :func:`gatelens.what_if`.
+
+        Inputs and initial states are detached: a trace records values, not an autograd graph.
         """
         model = self
         if isinstance(x, Tensor) and x.device != self.device:
             model = self.to(x.device)
-        given = inputs = as_float_tensor(x, "x", model.dtype, model.device)
+        given = inputs = as_float_tensor(x, "x", model.dtype, model.device).detach()
         unbatched = inputs.dim() == 2
         if inputs.dim() not in (2, 3):
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
@@ -179,7 +182,8 @@ class Model:
         if lengths is not None:
             length = as_lengths(lengths, batch, steps, model.device)
             mask = torch.arange(steps, device=model.device)[:, None] < length[None, :]
-        initial = model._initial_states(h0, batch, unbatched)
+        initial = {name: state.detach() for name, state in model._initial_states(h0, batch, unbatched).items()}
+        clamps = model._check_clamps(clamps or {}, steps, batch)
 
         recurrences: dict[str, Recurrence] = {}
         orders = [
@@ -192,7 +196,7 @@ class Model:
             outputs = []
             for cell, order in zip(layer, orders):
                 name = next(names)
-                clamp = (clamps or {}).get(name)
+                clamp = clamps.get(name)
                 rec = _record(name, cell, gather_time(layer_input, order), initial[name], mask, order, clamp)
                 recurrences[name] = rec
                 out = gather_time(cell.output(rec.states[1:]), order)  # back to the inputs' time order
@@ -210,7 +214,37 @@ class Model:
             final_state=final,
             recurrences=recurrences,
             lengths=length,
+            clamps=clamps,
         )
+
+    def _check_clamps(self, clamps: StepClamps, steps: int, batch: int) -> dict[str, Clamp]:
+        """Clamps checked against the recurrences, their cells' gates and the (T, B, U) shape, as a plain dict."""
+        cells = self.cells()
+        if not isinstance(clamps, Mapping):
+            raise TypeError(f"clamps must be a dict of recurrence name ↦ gate ↦ (values, where), got {clamps!r:.80}")
+        unknown = sorted(set(clamps) - set(cells))
+        if unknown:
+            raise ValueError(f"clamps name recurrence(s) {unknown}; this model has {list(cells)}")
+        checked: dict[str, Clamp] = {}
+        for name, clamp in clamps.items():
+            cell = cells[name]
+            units = len(cell.unit_labels())
+            gates = sorted(set(clamp) - set(cell.gate_names))
+            if gates:
+                raise ValueError(f"clamps[{name!r}] names gate(s) {gates}; the {cell.kind} cell has {cell.gate_names}")
+            for gate, pair in clamp.items():
+                values, where = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+                if not (isinstance(values, Tensor) and isinstance(where, Tensor) and where.dtype == torch.bool) or (
+                    values.shape != (steps, batch, units) or where.shape != (steps, batch, units)
+                ):
+                    raise ValueError(
+                        f"clamps[{name!r}][{gate!r}] must be a pair (values, where) of tensors of shape "
+                        f"({steps}, {batch}, {units}) (steps, batch, units), where boolean"
+                    )
+            checked[name] = {
+                gate: (v.to(self.dtype).to(self.device), w.to(self.device)) for gate, (v, w) in clamp.items()
+            }
+        return checked
 
     def _uniform(self) -> bool:
         """Whether every cell has the same state and output sizes, as in a PyTorch module (h0/h_n as tensors)."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import as_index
-from gatelens.cells.base import Cell, Factor, map_cache
+from gatelens.cells.base import Cell, Clamp, Factor, map_cache
 from gatelens.cells.stack import Stack
 
 if TYPE_CHECKING:
@@ -184,6 +184,7 @@ class Trace:
     final_state: Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
     recurrences: dict[str, Recurrence]
     lengths: Tensor | None
+    clamps: dict[str, Clamp]  # gates fixed by what-if: recurrence name ↦ gate ↦ (values, where), (T, B, U) each
 
     @property
     def states(self) -> dict[str, Tensor]:

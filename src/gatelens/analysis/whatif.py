@@ -35,19 +35,36 @@ def what_if(
     direction: str | None = None,
 ) -> Trace:
     """The trace of the same inputs and initial state with ``clamp`` applied; ``clamp={}`` gives an equal trace.
+    Clamps add up: on a trace that was itself clamped, the earlier clamps stay and the new ones take over where both
+    fix the same gate of the same unit and step.
 
     clamp: gate name ↦ value in [0, 1], a number or anything broadcastable to (steps chosen, B, units chosen).
-    units: memory-unit indices (default: all); steps: 0-based step indices, a slice or a list (default: all);
+    units: memory-unit indices within each chosen layer (default: all); steps: 0-based step indices, a slice or a
+    list (default: all);
     layer/direction: the recurrences to clamp (default: every layer, every direction).
     """
     if not isinstance(trace, Trace):
         raise TypeError(f"what_if needs a Trace (from model.trace(x)), got {type(trace).__name__}")
     if not isinstance(clamp, Mapping):
         raise TypeError(f"clamp must be a dict of gate name ↦ value, e.g. {{'z': 0.0}}, got {type(clamp).__name__}")
-    clamps = {rec.name: _clamp(rec, clamp, units, steps) for rec in _chosen(trace, layer, direction)} if clamp else {}
+    clamps = dict(trace.clamps)
+    if clamp:
+        for rec in _chosen(trace, layer, direction):
+            clamps[rec.name] = _merged(clamps.get(rec.name, {}), _clamp(rec, clamp, units, steps))
     inputs, unbatched = trace.inputs, trace.inputs.dim() == 2
     h0 = {name: rec.states[0, 0] if unbatched else rec.states[0] for name, rec in trace.recurrences.items()}
     return trace.model.trace(inputs, h0, lengths=trace.lengths, clamps=clamps)
+
+
+def _merged(earlier: Clamp, later: Clamp) -> Clamp:
+    """Clamps of a trace that was itself clamped, with the new ones taking over where both fix a gate."""
+    merged = dict(earlier)
+    for gate, (values, where) in later.items():
+        if gate in merged:
+            old_values, old_where = merged[gate]
+            values, where = torch.where(where, values, old_values), where | old_where
+        merged[gate] = (values, where)
+    return merged
 
 
 def _chosen(trace: Trace, layer: int | None, direction: str | None) -> list[Recurrence]:
@@ -72,7 +89,7 @@ def _clamp(rec: Recurrence, clamp: Mapping[str, Any], units: Units, steps: Steps
     count = len(cell.unit_labels())
     chosen_steps = rec.step_index(slice(None) if steps is None else steps)
     step_index = torch.arange(rec.steps, device=device)[chosen_steps].reshape(-1)
-    unit_index = _unit_index(units, count).to(device)
+    unit_index = _unit_index(units, count, rec.name).to(device)
     batch = rec.input_index.shape[1]
     where = torch.zeros(rec.steps, batch, count, dtype=torch.bool, device=device)
     where[step_index[:, None], :, unit_index[None, :]] = True
@@ -85,11 +102,11 @@ def _clamp(rec: Recurrence, clamp: Mapping[str, Any], units: Units, steps: Steps
     return result
 
 
-def _unit_index(units: Units, count: int) -> Tensor:
-    """Unit indices as a 1-D long tensor, each in 0..count−1."""
+def _unit_index(units: Units, count: int, name: str) -> Tensor:
+    """Unit indices as a 1-D long tensor, each in 0..count−1 (the units of recurrence ``name``)."""
     if units is None:
         return torch.arange(count)
-    expected = f"units must be an int or a list of ints in 0..{count - 1}, got {units!r:.80}"
+    expected = f"units must be an int or a list of ints in 0..{count - 1} (the units of {name}), got {units!r:.80}"
     if isinstance(units, (bool, np.bool_, str, bytes)):
         raise TypeError(expected)
     try:
@@ -101,7 +118,7 @@ def _unit_index(units: Units, count: int) -> Tensor:
     if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
         raise TypeError(expected)
     if int(index.min()) < 0 or int(index.max()) >= count:
-        raise ValueError(f"units must lie in 0..{count - 1}, got {index.tolist()}")
+        raise ValueError(f"units must lie in 0..{count - 1} (the units of {name}), got {index.tolist()}")
     return index.long()
 
 
