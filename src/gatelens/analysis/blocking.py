@@ -46,7 +46,8 @@ class BlockingEvent:
     """One step (0-based index ``step``, i.e. J_{step+1}) of one sequence with collapsed rows.
 
     parts[loss][block] holds the Frobenius norms of G_before, G_across, G_after and of G itself ("total") for that
-    sequence; transmission[loss] = ‖ā J‖ / ‖ā‖ (NaN where no later loss reaches the step).
+    sequence; transmission[loss] = ‖ā J‖ / ‖ā‖, NaN where ā = 0: either no loss lies at or after the step, or
+    (``underflow[loss]``) the later losses' adjoint has underflowed to 0 in the trace's dtype before reaching it.
     """
 
     recurrence: str
@@ -55,6 +56,7 @@ class BlockingEvent:
     rows: list[str]
     jacobian_norm: float
     transmission: dict[str, float]
+    underflow: dict[str, bool]
     parts: dict[str, dict[str, dict[str, float]]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +70,7 @@ class BlockingEvent:
             "rows": self.rows,
             "jacobian_norm": self.jacobian_norm,
             "transmission": {loss: number(value) for loss, value in self.transmission.items()},
+            "underflow": self.underflow,
             "parts": self.parts,
         }
 
@@ -120,15 +123,21 @@ def blocking(
     maps = _credit_maps(trace, credits, seed)
     streams = {rec.name: rec for rec, _ in next(iter(maps.values())).streams}
     collapsed, candidates = {}, []
+    below_by_name = {}
     for name, rec in streams.items():
         rows, norms = _row_norms(rec)
-        below = rows < tol
+        below_by_name[name] = below = rows < tol
         collapsed[name] = below.sum(-1)
         for step, sequence in torch.nonzero(collapsed[name]).tolist():
-            labels = [rec.cell.state_labels()[j] for j in torch.nonzero(below[step, sequence]).flatten().tolist()]
-            candidates.append((name, step, sequence, labels, float(norms[step, sequence])))
-    candidates.sort(key=lambda event: (-len(event[3]), event[4]))
-    chosen = candidates[:max_events]
+            count = int(collapsed[name][step, sequence])
+            candidates.append((name, step, sequence, count, float(norms[step, sequence])))
+    # most rows first; at step index 0 nothing lies before the step, so such an event cuts nothing: after the others
+    candidates.sort(key=lambda event: (-event[3], event[1] == 0, event[4]))
+    chosen = []
+    for name, step, sequence, _, norm in candidates[:max_events]:
+        labels = streams[name].cell.state_labels()
+        rows = [labels[j] for j in torch.nonzero(below_by_name[name][step, sequence]).flatten().tolist()]
+        chosen.append((name, step, sequence, rows, norm))
     effects = {loss: _effects(cm, streams, chosen) for loss, cm in maps.items()}
     events = [
         BlockingEvent(
@@ -138,7 +147,8 @@ def blocking(
             rows=labels,
             jacobian_norm=norm,
             transmission={loss: effects[loss][index][0] for loss in maps},
-            parts={loss: effects[loss][index][1] for loss in maps},
+            underflow={loss: effects[loss][index][1] for loss in maps},
+            parts={loss: effects[loss][index][2] for loss in maps},
         )
         for index, (name, step, sequence, labels, norm) in enumerate(chosen)
     ]
@@ -148,7 +158,8 @@ def blocking(
 def probe_credits(trace: Trace, seed: int = 0) -> dict[str, CreditMap]:
     """Credit maps of two probe losses with a fixed random readout w_t ~ N(0, I) drawn from ``seed``:
 
-    many-to-one   L = ⟨w, y_{L_b}⟩ at each sequence's last step
+    many-to-one   L = ⟨w, h_n⟩: each direction's output at its last processed step (time L_b for a forward
+                  direction, time 1 for a reverse one), the final state a many-to-one head reads
     many-to-many  L = Σ_t ⟨w_t, y_t⟩ at every step
 
     They stand in for a task's loss when none is given: what they show about blocking (which parts of eq. (8)
@@ -163,8 +174,14 @@ def probe_credits(trace: Trace, seed: int = 0) -> dict[str, CreditMap]:
     shape = (steps, batch, output.shape[-1])  # drawn time-major, so the readout does not depend on the layout
     time_major = torch.randn(shape, generator=generator, dtype=torch.float64).to(output.dtype).to(output.device)
     lengths = trace.lengths if trace.lengths is not None else torch.full((batch,), steps, device=output.device)
-    last = torch.arange(steps, device=output.device)[:, None] == (lengths - 1)[None, :]
-    last_only = torch.where(last[..., None], time_major, 0.0)
+    time = torch.arange(steps, device=output.device)[:, None]
+    final = torch.zeros_like(time_major, dtype=torch.bool)  # each direction's last processed step, as h_n holds it
+    top = trace.model.layers[-1]
+    for index, recurrence in enumerate(trace.model.names()[-len(top) :]):
+        last = time == 0 if recurrence.endswith("_reverse") else time == (lengths - 1)[None, :]
+        width = top[index].output_size
+        final[..., index * width : (index + 1) * width] = last[..., None]
+    last_only = torch.where(final, time_major, 0.0)
 
     def as_output(values: Tensor) -> Tensor:
         return values.squeeze(1) if unbatched else values.transpose(0, 1) if batch_first else values
@@ -197,11 +214,11 @@ def _row_norms(rec: Recurrence) -> tuple[Tensor, Tensor]:
     return rows, norms
 
 
-Effect = tuple[float, dict[str, dict[str, float]]]
+Effect = tuple[float, bool, dict[str, dict[str, float]]]  # transmission, underflow, parts
 
 
 def _effects(cm: CreditMap, streams: dict[str, Recurrence], events: list[tuple[Any, ...]]) -> list[Effect]:
-    """(transmission, parts by block) of each event under one credit map, one sweep per sequence with events."""
+    """(transmission, underflow, parts by block) of each event under one credit map; one sweep per sequence."""
     gradients = {rec.name: g for rec, g in cm.streams}
     results: dict[int, Effect] = {}
     groups: dict[tuple[str, int], list[int]] = {}
@@ -246,7 +263,9 @@ def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> lis
         later_adjoint[:, step] = running
     at_event = later_adjoint[torch.arange(count), starts]  # (E, 1, S)
     crossing = torch.stack([rec.state_vjp(at_event[e], steps=steps[e]) for e in range(count)])
-    transmission = frobenius(crossing, dims=2) / frobenius(at_event, dims=2)
+    at_event_norm = frobenius(at_event, dims=2)
+    transmission = frobenius(crossing, dims=2) / at_event_norm
+    underflow = (at_event_norm == 0) & (later_g.flatten(1).abs().amax(1) > 0)
     factors = rec.param_factors(torch.cat([adjoint[None], later_adjoint]))
     parts: list[dict[str, dict[str, float]]] = [{} for _ in steps]
     for name, (delta, inputs) in factors.items():
@@ -261,4 +280,4 @@ def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> lis
         total_norm = float(frobenius(total, dims=dims))
         for e in range(count):
             parts[e][name] = {part: norms[part][e] for part in PARTS} | {"total": total_norm}
-    return [(float(transmission[e]), parts[e]) for e in range(count)]
+    return [(float(transmission[e]), bool(underflow[e]), parts[e]) for e in range(count)]

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from gatelens.analysis.blocking import Blocking, blocking
@@ -27,7 +28,7 @@ from gatelens.analysis.credit import CreditMap
 from gatelens.analysis.local import local_gradients
 from gatelens.analysis.lyapunov import lyapunov
 from gatelens.analysis.propagation import propagation
-from gatelens.analysis.regimes import REGIMES, regimes
+from gatelens.analysis.regimes import REGIMES, check_thresholds, regimes
 from gatelens.analysis.serialize import json_number
 from gatelens.trace import DIRECTIONS, Trace
 
@@ -89,14 +90,17 @@ def explain(
     :func:`gatelens.analysis.blocking.probe_credits` drawn from ``seed``."""
     if not isinstance(trace, Trace):
         raise TypeError(f"explain needs a Trace (from model.trace(x)), got {type(trace).__name__}")
-    findings: list[Finding] = []
+    check_thresholds(thresholds)
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.number)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    dtype = str(trace.output.dtype).removeprefix("torch.")
+    findings = _blocking_findings(blocking(trace, credit, tol=tol, seed=seed), dtype)  # checks credit and tol first
     for layer, direction in _parts(trace):
         regime = regimes(trace, thresholds, layer=layer, direction=direction)
         findings += [_regime_finding(regime), _timescale_finding(regime)]
-        findings.append(_horizon_finding(trace, layer, direction, eps))
+        findings.append(_horizon_finding(trace, layer, direction, float(eps)))
         findings.append(_local_finding(trace, layer, direction))
         findings.append(_lyapunov_finding(trace, layer, direction))
-    findings += _blocking_findings(blocking(trace, credit, tol=tol, seed=seed))
     order = ["regimes", "timescales", "horizon", "blocking", "local gradients", "lyapunov"]
     findings.sort(key=lambda f: order.index(f.topic))
     return Explanation(model=repr(trace.model), findings=findings)
@@ -178,25 +182,27 @@ def _local_finding(trace: Trace, layer: int | None, direction: str | None) -> Fi
 
 def _lyapunov_finding(trace: Trace, layer: int | None, direction: str | None) -> Finding:
     result = lyapunov(trace, k=1, layer=layer, direction=direction)
-    exponents = result.largest.tolist()
-    mean = sum(exponents) / len(exponents)
-    if mean == -math.inf:
+    per_sequence = result.largest.tolist()
+    exponents = sorted(per_sequence)
+    median = exponents[len(exponents) // 2]  # the upper median: one singular sequence does not decide it
+    if median == -math.inf:
         meaning = "some step maps every perturbation to zero (an exactly singular Jacobian)"
-    elif mean < 0:
-        meaning = f"perturbations of the state shrink by e every {-1 / mean:.1f} steps"
-    elif mean > 0:
-        meaning = f"perturbations grow by e every {1 / mean:.1f} steps (chaotic or exploding)"
+    elif median < 0:
+        meaning = f"perturbations of the state shrink by e every {-1 / median:.1f} steps"
+    elif median > 0:
+        meaning = f"perturbations grow by e every {1 / median:.1f} steps (chaotic or exploding)"
     else:
         meaning = "perturbations neither grow nor shrink"
-    text = f"the top Lyapunov exponent is λ₁ = {mean:.3g} per step (mean over sequences): {meaning}."
+    spread = f" (median over sequences; range {exponents[0]:.3g} to {exponents[-1]:.3g})" if len(exponents) > 1 else ""
+    text = f"the top Lyapunov exponent is λ₁ = {median:.3g} per step{spread}: {meaning}."
     details = {
-        "per_sequence": [json_number(v) for v in exponents],
+        "per_sequence": [json_number(v) for v in per_sequence],
         "stderr": [json_number(v) for v in result.stderr[:, 0].tolist()],
     }
-    return Finding("lyapunov", result.recurrence, text, mean, details)
+    return Finding("lyapunov", result.recurrence, text, median, details)
 
 
-def _blocking_findings(result: Blocking) -> list[Finding]:
+def _blocking_findings(result: Blocking, dtype: str) -> list[Finding]:
     if not result.events:
         text = f"no Jacobian row falls below {result.tol:g} at any step: nothing blocks the flow."
         return [Finding("blocking", "all", text, 0.0, {"tol": result.tol})]
@@ -204,8 +210,14 @@ def _blocking_findings(result: Blocking) -> list[Finding]:
     losses = []
     for loss in result.losses:
         parts = event.parts[loss]
+        if event.underflow[loss]:
+            losses.append(
+                f"{loss}: the later losses' adjoint underflows to 0 in {dtype} before it reaches the step; trace in "
+                "float64 (model.to(torch.float64)) to see what crosses it"
+            )
+            continue
         if math.isnan(event.transmission[loss]):
-            losses.append(f"{loss}: no loss at or after it reaches it, so it cuts nothing")
+            losses.append(f"{loss}: no loss lies at or after it, so it cuts nothing")
             continue
         across = max(_across_share(value) for value in parts.values())
         smallest = min(parts, key=lambda block: parts[block]["total"])
