@@ -632,3 +632,10 @@ def test_default_windows_fit_a_short_trace() -> None:
     assert result.finite_time.shape[0] == 4
     assert result.window_edges == [2, 3, 4, 5, 6]
     assert lyapunov(gl.Model(gl.GRU.random(3, 4, dtype=F64)).trace(_randn(40, 2, 3))).finite_time.shape[0] == 10
+
+
+def test_lyapunov_to_dict_with_the_running_estimate() -> None:
+    result = lyapunov(gl.Model(gl.GRU.random(3, 4, dtype=F64)).trace(_randn(8, 2, 3)), warmup=2)
+    data = json.loads(json.dumps(result.to_dict(running=True), allow_nan=False))
+    assert torch.allclose(torch.tensor(data["running"], dtype=F64), result.running)
+    assert "running" not in result.to_dict()

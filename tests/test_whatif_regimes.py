@@ -16,6 +16,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -1038,3 +1039,12 @@ def test_a_trace_records_values_not_a_graph() -> None:
     trace = gl.Model(gl.GRU.random(3, 4, seed=1, dtype=F64)).trace(x)
     assert not trace.output.requires_grad and not trace.recurrences["l0"].cache.z.requires_grad
     assert not gl.local_gradients(trace).total.requires_grad
+
+
+def test_regimes_to_dict_per_step() -> None:
+    trace = gl.Model(gl.GRU.random(3, 4, seed=1, dtype=F64)).trace(torch.randn(5, 2, 3, dtype=F64), lengths=[5, 3])
+    result = gl.regimes(trace, long_term=np.int64(10), short_term=np.float32(2.0))
+    data = json.loads(json.dumps(result.to_dict(per_step=True), allow_nan=False))
+    assert torch.equal(torch.tensor(data["codes"], dtype=torch.int8), result.codes)
+    assert torch.equal(torch.tensor(data["carry"], dtype=F64), result.carry)
+    assert "codes" not in result.to_dict()

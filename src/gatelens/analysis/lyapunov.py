@@ -57,9 +57,10 @@ class Lyapunov:
         """max_j λ_j per sequence (B,)."""
         return self.exponents.max(-1).values
 
-    def to_dict(self) -> dict[str, Any]:
-        """Exponents, finite-time exponents and standard errors, ready for JSON (None for NaN and ±inf)."""
-        return {
+    def to_dict(self, running: bool = False) -> dict[str, Any]:
+        """Exponents, finite-time exponents and standard errors, ready for JSON (None for NaN and ±inf); with
+        ``running=True`` also the estimate after every step."""
+        return ({"running": json_list(self.running)} if running else {}) | {
             "recurrence": self.recurrence,
             "warmup": self.warmup,
             "exponents": json_list(self.exponents),

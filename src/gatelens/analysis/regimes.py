@@ -6,7 +6,7 @@ it is) and its *admit* a (how open the route is by which the previous state ente
 a = i; Elman: c = 0, a = 1). With thresholds lo ≤ hi, the unit's regime at that step is
 
     carry    c > hi               it keeps its value; the carry path diag(c) passes ∂L/∂h_j on almost unchanged
-    blocked  c < lo and a < lo    nothing of the past reaches it: its Jacobian row ≈ 0 (gates saturated)
+    blocked  c < lo and a < lo    its gates shut the past out: with saturated gates its Jacobian row is ≈ 0
     elman    c < lo and a > hi    it is replaced by a candidate that reads the whole past state, as in an Elman RNN
     mixed    anything else
 
@@ -19,7 +19,9 @@ Per unit, over the valid steps of every sequence: the mean carry c̄, admit and 
 
 and a label: "long-term" if τ ≥ ``long_term`` (default 10 steps, c̄ ≥ 0.9), "short-term" if τ ≤ ``short_term``
 (default 2, c̄ ≤ 0.5), "mixed" otherwise. τ reads the gates only; the measured decay of ∂h_t/∂h_k also includes the
-recurrent paths (see :func:`gatelens.propagation`).
+recurrent paths (see :func:`gatelens.propagation`). Regimes read the gates only; the Jacobian rows themselves
+(which also shrink for saturated candidates or dead ReLU units, whatever the gates) are what
+:func:`gatelens.blocking` measures.
 """
 
 from __future__ import annotations
@@ -118,9 +120,13 @@ class Regimes:
             raise ValueError(f"unknown unit kind {kind!r}; expected one of {', '.join(map(repr, UNIT_KINDS))}")
         return [label for label, k in zip(self.unit_labels, self.unit_kind) if k == kind]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Census and per-unit statistics, ready for JSON (an infinite timescale becomes None)."""
-        return {
+    def to_dict(self, per_step: bool = False) -> dict[str, Any]:
+        """Census and per-unit statistics, ready for JSON (an infinite timescale becomes None); with
+        ``per_step=True`` also the regime codes and the memory gates of every step, (T, B, U) each."""
+        steps = {"codes": self.codes.tolist()} | {
+            name: json_list(getattr(self, name)) for name in ("carry", "admit", "gate")
+        }
+        return (steps if per_step else {}) | {
             "recurrence": self.recurrence,
             "thresholds": list(self.thresholds),
             "census": dict(zip(REGIMES, self.census.tolist())),
@@ -211,7 +217,11 @@ def check_thresholds(thresholds: Any) -> tuple[float, float]:
 def _timescale_bounds(long_term: Any, short_term: Any) -> tuple[float, float]:
     """The label bounds, checked: 1 ≤ short_term ≤ long_term < inf (τ is at least one step)."""
     for name, value in (("long_term", long_term), ("short_term", short_term)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+        if (
+            isinstance(value, (bool, np.bool_))
+            or not isinstance(value, (int, float, np.number))
+            or not 1 <= value < math.inf
+        ):
             raise ValueError(f"{name} must be a number of steps ≥ 1, got {value!r}")
     if short_term > long_term:
         raise ValueError(f"short_term ({short_term}) must not exceed long_term ({long_term})")
