@@ -953,3 +953,13 @@ def test_an_underflowed_adjoint_is_reported_as_such() -> None:
     exact = gl.what_if(model.to(torch.float64).trace(x.double()), {"z": 0.0, "r": 0.0}, steps=[20])
     event = gl.blocking(exact).events[0]
     assert not event.underflow["many-to-one"] and event.transmission["many-to-one"] == 0.0
+
+
+def test_explain_finds_a_horizon_beyond_the_first_sweep() -> None:
+    """A slowly decaying GRU (z ≈ 0.97): the horizon lies past the first 64 lags, so the sweep has to grow."""
+    cell = gl.GRU.random(I, H, seed=4, dtype=F64)
+    weights = dict(cell.weights, b_iz=torch.full((H,), 3.5, dtype=F64))
+    trace = gl.Model(gl.GRU(weights)).trace(_randn(300, 2, I, seed=5), lengths=[300, 260])
+    horizon = next(f for f in gl.explain(trace, eps=1e-2).findings if f.topic == "horizon")
+    expected = _horizons(trace.jacobians(), 1e-2, [300, 260])
+    assert horizon.details["horizon"] == expected and min(expected) > 64

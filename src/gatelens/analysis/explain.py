@@ -32,6 +32,8 @@ from gatelens.analysis.regimes import REGIMES, check_thresholds, regimes
 from gatelens.analysis.serialize import json_number
 from gatelens.trace import DIRECTIONS, Trace
 
+HORIZON_LAGS = 64  # lags of the first propagation sweep for the horizon; grown fourfold as needed
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -91,8 +93,8 @@ def explain(
     if not isinstance(trace, Trace):
         raise TypeError(f"explain needs a Trace (from model.trace(x)), got {type(trace).__name__}")
     check_thresholds(thresholds)
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.number)) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.number)) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1) (a norm below which the flow counts as gone), got {eps!r}")
     dtype = str(trace.output.dtype).removeprefix("torch.")
     findings = _blocking_findings(blocking(trace, credit, tol=tol, seed=seed), dtype)  # checks credit and tol first
     for layer, direction in _parts(trace):
@@ -150,12 +152,23 @@ def _steps(value: float) -> str:
 
 
 def _horizon_finding(trace: Trace, layer: int | None, direction: str | None, eps: float) -> Finding:
-    """The horizon from each sequence's own last step (its length − 1), so padding adds no identity lags."""
-    steps, batch = trace.recurrence(layer, direction).input_index.shape
-    last = trace.lengths.cpu() - 1 if trace.lengths is not None else torch.full((batch,), steps - 1)
-    anchors = torch.unique(last)
-    result = propagation(trace, anchors, layer=layer, direction=direction)
-    horizons = result.horizon(eps)[torch.searchsorted(anchors, last), torch.arange(batch)].tolist()
+    """The horizon from each sequence's own last step L_b (0 < eps < 1).
+
+    Steps past a sequence's end are identities, so from the last step T the first T − L_b lags of sequence b are
+    identity lags: its own horizon is the one from T minus T − L_b, and one anchor serves every sequence. Lags
+    are computed up to the longest padding plus a limit that grows fourfold until every sequence has fallen below
+    eps (or all T are done).
+    """
+    rec = trace.recurrence(layer, direction)
+    steps, batch = rec.input_index.shape
+    padding = steps - trace.lengths.cpu() if trace.lengths is not None else torch.zeros(batch, dtype=torch.long)
+    limit = int(padding.max()) + HORIZON_LAGS
+    while True:
+        from_end = propagation(trace, layer=layer, direction=direction, max_lag=min(limit, steps)).horizon(eps)[0]
+        if bool((from_end >= 0).all()) or limit >= steps:
+            break
+        limit = int(padding.max()) + 4 * (limit - int(padding.max()))
+    horizons = torch.where(from_end >= 0, (from_end.cpu() - padding).clamp_min(0), -1).tolist()
     reached = sorted(h for h in horizons if h >= 0)
     if not reached:
         text = f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} over all lags in every sequence: no vanishing here."
@@ -166,7 +179,7 @@ def _horizon_finding(trace: Trace, layer: int | None, direction: str | None, eps
             f"‖∂h_T/∂h_(T−ℓ)‖ falls below {eps:g} after ℓ = {value:.0f} steps (median of the {len(reached)} of "
             f"{len(horizons)} sequences where it does; range {reached[0]}–{reached[-1]}; T = {steps})."
         )
-    return Finding("horizon", result.recurrence, text, value, {"eps": eps, "horizon": horizons})
+    return Finding("horizon", rec.name, text, value, {"eps": eps, "horizon": horizons})
 
 
 def _local_finding(trace: Trace, layer: int | None, direction: str | None) -> Finding:

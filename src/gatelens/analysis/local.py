@@ -91,8 +91,11 @@ def local_gradients(trace: Trace, *, layer: int | None = None, direction: str | 
     for start in range(0, steps, chunk):
         stop = min(steps, start + chunk)
         covectors = one_hot.expand(size, stop - start, batch, size)
+        adjoint_norms: dict[int, Tensor] = {}  # blocks fed by one pre-activation share their adjoint
         for name, (adjoint, inputs) in rec.param_factors(covectors, steps=slice(start, stop)).items():
-            norm = frobenius(adjoint.movedim(0, -2), dims=2)  # Σ_j ‖δ_j‖², per (step, sequence)
+            if id(adjoint) not in adjoint_norms:
+                adjoint_norms[id(adjoint)] = frobenius(adjoint.movedim(0, -2), dims=2)  # (Σ_j ‖δ_j‖²)^½
+            norm = adjoint_norms[id(adjoint)]
             if inputs is not None:
                 norm = norm * frobenius(inputs, dims=1)
             parts.setdefault(name, []).append(norm)
