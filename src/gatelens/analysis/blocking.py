@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gatelens.analysis.credit import CreditMap, credit
+from gatelens.analysis.credit import CreditMap, credit, summed_adjoints
 from gatelens.analysis.norms import frobenius
 from gatelens.cells.base import Factor, map_cache
 from gatelens.trace import Recurrence, Trace
@@ -255,12 +255,7 @@ def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> lis
     starts = torch.tensor(steps, device=g.device)
     later = (index[None, :] >= starts[:, None])[..., None, None]  # (E, T, 1, 1): loss or source step ≥ the event
     later_g = torch.where(later, g, 0.0)
-    later_adjoint = torch.empty_like(later_g)  # ā for the losses t ≥ m, by BPTT
-    running = later_g[:, -1]
-    later_adjoint[:, -1] = running
-    for step in reversed(range(total_steps - 1)):
-        running = later_g[:, step] + rec.state_vjp(running, steps=step + 1)
-        later_adjoint[:, step] = running
+    later_adjoint = summed_adjoints(rec, later_g)  # ā for the losses t ≥ m, one BPTT sweep for every event
     at_event = later_adjoint[torch.arange(count), starts]  # (E, 1, S)
     crossing = torch.stack([rec.state_vjp(at_event[e], steps=steps[e]) for e in range(count)])
     at_event_norm = frobenius(at_event, dims=2)

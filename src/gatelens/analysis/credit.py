@@ -279,13 +279,16 @@ def _streams(trace: Trace, out_grads: Tensor) -> list[tuple[Recurrence, Tensor]]
 
 
 def summed_adjoints(rec: Recurrence, g: Tensor) -> Tensor:
-    """BPTT in 0-based arrays: ā[i] = g[i] + ā[i+1] · jacobians[i+1], from i = T−1 down; ā[i] = ∂L/∂h_{i+1}."""
+    """BPTT in 0-based arrays: ā[i] = g[i] + ā[i+1] · jacobians[i+1], from i = T−1 down; ā[i] = ∂L/∂h_{i+1}.
+
+    g is (..., T, B, S): extra leading dimensions carry several losses through the same sweep.
+    """
     adjoints = torch.empty_like(g)
-    adjoint = g[-1]
-    adjoints[-1] = adjoint
+    adjoint = g[..., -1, :, :]
+    adjoints[..., -1, :, :] = adjoint
     for step in reversed(range(rec.steps - 1)):
-        adjoint = g[step] + rec.state_vjp(adjoint, steps=step + 1)
-        adjoints[step] = adjoint
+        adjoint = g[..., step, :, :] + rec.state_vjp(adjoint, steps=step + 1)
+        adjoints[..., step, :, :] = adjoint
     return adjoints
 
 
