@@ -111,6 +111,12 @@ class Recurrence:
             return jacobian
         return torch.where(mask[..., None, None], jacobian, self._identity(jacobian))
 
+    def input_jacobians(self, steps: Steps = None) -> Tensor:
+        """∂h_{i+1}/∂x_{i+1} for the chosen steps, shape (T, B, S, I); zero on padded steps."""
+        cache, mask, _ = self._select(steps)
+        jacobian = self.cell.input_jacobian(cache)
+        return jacobian if mask is None else torch.where(mask[..., None, None], jacobian, 0.0)
+
     def jacobian_paths(self, steps: Steps = None) -> dict[str, Tensor]:
         """The named paths of J for the chosen steps; they sum to :meth:`jacobians` exactly.
 

@@ -3,6 +3,7 @@
 from gatelens.analysis.blocking import Blocking, BlockingEvent, blocking, probe_credits
 from gatelens.analysis.credit import CreditMap, credit
 from gatelens.analysis.explain import Explanation, Finding, explain
+from gatelens.analysis.influence import InputInfluence, input_influence
 from gatelens.analysis.local import LocalGradients, local_gradients
 from gatelens.analysis.lyapunov import Lyapunov, lyapunov
 from gatelens.analysis.propagation import Propagation, propagation
@@ -15,6 +16,7 @@ __all__ = [
     "CreditMap",
     "Explanation",
     "Finding",
+    "InputInfluence",
     "LocalGradients",
     "Lyapunov",
     "Propagation",
@@ -22,6 +24,7 @@ __all__ = [
     "blocking",
     "credit",
     "explain",
+    "input_influence",
     "local_gradients",
     "lyapunov",
     "probe_credits",

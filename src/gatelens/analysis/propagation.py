@@ -99,8 +99,8 @@ def propagation(
     """
     rec = trace.recurrence(layer, direction)
     steps = rec.steps
-    points = _anchors(anchors, steps)
-    limit = steps if max_lag is None else _max_lag(max_lag, steps)
+    points = anchor_steps(anchors, steps)
+    limit = steps if max_lag is None else lag_limit(max_lag, steps)
     batch, size = rec.states.shape[1:]
     dtype, device = rec.states.dtype, rec.states.device
     log_sv = torch.full((len(points), steps + 1, batch, size), math.nan, dtype=dtype, device=device)
@@ -131,7 +131,7 @@ def propagation(
     return Propagation(recurrence=rec.name, anchors=points, log_singular_values=log_sv)
 
 
-def _anchors(anchors: Any, steps: int) -> Tensor:
+def anchor_steps(anchors: Any, steps: int) -> Tensor:
     """Anchors as a sorted, de-duplicated (A,) long tensor of step indices in 0..T−1."""
     if anchors is None:
         return torch.tensor([steps - 1])
@@ -152,7 +152,7 @@ def _anchors(anchors: Any, steps: int) -> Tensor:
     return torch.unique(values)
 
 
-def _max_lag(max_lag: Any, steps: int) -> int:
+def lag_limit(max_lag: Any, steps: int) -> int:
     if isinstance(max_lag, bool) or not isinstance(max_lag, (int, np.integer)) or max_lag < 1:
         raise ValueError(f"max_lag must be a positive int, got {max_lag!r}")
     return min(int(max_lag), steps)
