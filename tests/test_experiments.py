@@ -69,7 +69,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(tmp_path: Path, capsys:
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["experiment", "seed-cases", "--out", str(blocker / "out")]) == 2
-    assert "cannot write to the output folder" in capsys.readouterr().err
+    assert "is not a writable directory" in capsys.readouterr().err
 
 
 def test_command_line_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,6 +32,7 @@ from gatelens.analysis import (
     what_if,
 )
 from gatelens.cells import GRU, LSTM, Cell, Elman, Stack
+from gatelens.experiments.monitor import Monitor
 from gatelens.io import load
 from gatelens.model import Model
 from gatelens.trace import Recurrence, Trace
@@ -48,6 +49,7 @@ __all__ = [
     "LocalGradients",
     "Lyapunov",
     "Model",
+    "Monitor",
     "Propagation",
     "Recurrence",
     "Regimes",

@@ -1,5 +1,6 @@
-"""Experiments: toy tasks with known lags and simulated systems, generated reproducibly from a seed."""
+"""Experiments: tasks with known lags, simulated systems, the training monitor and the experiments themselves."""
 
+from gatelens.experiments.monitor import Monitor, MonitorWarning
 from gatelens.experiments.tasks import (
     Dataset,
     adding_problem,
@@ -13,6 +14,8 @@ from gatelens.experiments.tasks import (
 
 __all__ = [
     "Dataset",
+    "Monitor",
+    "MonitorWarning",
     "adding_problem",
     "aprbs",
     "copy_task",

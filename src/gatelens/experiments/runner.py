@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from gatelens.experiments.folders import writable_folder
+
 PRESETS = ("quick", "full")
 
 
@@ -95,19 +97,6 @@ def run_experiment(
         figure.savefig(path, dpi=110, bbox_inches="tight")
         files.append(path)
     return Report(out=folder, files=files, outcome=outcome)
-
-
-def writable_folder(out: str | os.PathLike[str]) -> Path:
-    """``out`` as a folder that exists and can be written to, or one clear error."""
-    folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".gatelens-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"cannot write to the output folder {str(folder)!r}: {error.strerror or error}") from None
-    return folder
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
