@@ -11,16 +11,23 @@ from gatelens.experiments.tasks import (
     multi_timescale,
     wiener_hammerstein,
 )
+from gatelens.experiments.train import SequenceModel, TrainResult, build_model, evaluate, predict, train
 
 __all__ = [
     "Dataset",
     "Monitor",
     "MonitorWarning",
+    "SequenceModel",
+    "TrainResult",
     "adding_problem",
     "aprbs",
+    "build_model",
     "copy_task",
     "duffing_oscillator",
+    "evaluate",
     "first_order_system",
     "multi_timescale",
+    "predict",
+    "train",
     "wiener_hammerstein",
 ]
