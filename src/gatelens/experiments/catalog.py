@@ -6,8 +6,9 @@ import os
 
 from gatelens.experiments.runner import Experiment, Report, run_experiment
 from gatelens.experiments.seed_cases import SEED_CASES
+from gatelens.experiments.timescales import TIMESCALES
 
-EXPERIMENTS: dict[str, Experiment] = {experiment.name: experiment for experiment in (SEED_CASES,)}
+EXPERIMENTS: dict[str, Experiment] = {experiment.name: experiment for experiment in (SEED_CASES, TIMESCALES)}
 
 
 def experiment(name: str, *, preset: str = "quick", seeds: int | None = None, out: str | os.PathLike[str]) -> Report:
