@@ -172,6 +172,6 @@ TIMESCALES = Experiment(
             "lr": 5e-3,
             "probe": 64,
         },
-    },  # fmt: skip
+    },
     run=run,
 )
