@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
+from gatelens.experiments.long_range import LONG_RANGE
 from gatelens.experiments.rehmer_kroll import REHMER_KROLL
 from gatelens.experiments.runner import Experiment, Report, run_experiment
 from gatelens.experiments.seed_cases import SEED_CASES
 from gatelens.experiments.timescales import TIMESCALES
 
 EXPERIMENTS: dict[str, Experiment] = {
-    experiment.name: experiment for experiment in (SEED_CASES, REHMER_KROLL, TIMESCALES)
+    experiment.name: experiment for experiment in (SEED_CASES, LONG_RANGE, REHMER_KROLL, TIMESCALES)
 }
 
 
