@@ -48,18 +48,13 @@ MARKERS = {"gru": ("o", 9), "elman": ("s", 7), "lstm": ("^", 6), "gru-chrono": (
 
 def run(settings: Settings) -> Outcome:
     config = settings.config
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
-    try:
-        rows = [
-            _run(task, length, architecture, seed, config)
-            for task in TASKS
-            for length in config[LENGTHS[task]]
-            for architecture in ARCHITECTURES
-            for seed in settings.seeds
-        ]
-    finally:
-        torch.set_num_threads(threads)
+    rows = [
+        _run(task, length, architecture, seed, config)
+        for task in TASKS
+        for length in config[LENGTHS[task]]
+        for architecture in ARCHITECTURES
+        for seed in settings.seeds
+    ]
     rows += _aggregate(rows)
     summary = [row for row in rows if row["part"] == "summary"]
     return Outcome(

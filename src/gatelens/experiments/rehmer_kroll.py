@@ -69,13 +69,8 @@ COLOURS = {"gru": "tab:blue", "elman": "tab:red"}
 
 def run(settings: Settings) -> Outcome:
     config = settings.config
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
-    try:
-        academic, surfaces = _academic(settings.seeds, config["academic"])
-        benchmark, records = _benchmark(settings, config["benchmark"])
-    finally:
-        torch.set_num_threads(threads)
+    academic, surfaces = _academic(settings.seeds, config["academic"])
+    benchmark, records = _benchmark(settings, config["benchmark"])
     (settings.out / "loss_surface.json").write_text(json.dumps(surfaces, indent=1), encoding="utf-8")
     rows = academic + [_surface_row(kind, surface) for kind, surface in surfaces.items()] + benchmark
     return Outcome(

@@ -26,12 +26,7 @@ from gatelens.experiments.train import build_model, predict, train
 
 def run(settings: Settings) -> Outcome:
     config = settings.config
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
-    try:
-        results = [_one_seed(seed, config) for seed in settings.seeds]
-    finally:
-        torch.set_num_threads(threads)
+    results = [_one_seed(seed, config) for seed in settings.seeds]
     runs = [run_row for run_row, _, _ in results]
     units = [row for _, unit_rows, _ in results for row in unit_rows]
     return Outcome(
