@@ -1,0 +1,60 @@
+"""The ``gatelens`` command line: one module per command, one dispatcher here.
+
+    gatelens demo        train a GRU and an Elman RNN briefly, run every analysis, write an HTML report
+    gatelens analyze     every analysis of a saved model on an input; results.json, figures and report.html
+    gatelens explain     the findings only
+    gatelens jacobians   the per-step Jacobians and their paths, as a .npz
+    gatelens credit      a credit map, as a .npz
+    gatelens experiment  one of the experiments behind gatelens' claims
+    gatelens sweep       an experiment over a grid, on a local or remote Dask cluster
+
+Each command module has ``register(commands)``, which adds its parser and sets ``handler`` to a function
+``(arguments, console) -> int``. A problem with the input prints one line, ``gatelens: error: …``, and exits with
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from gatelens.cli import experiment
+
+COMMANDS = (experiment,)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every command's sub-parser."""
+    top = argparse.ArgumentParser(
+        prog="gatelens",
+        description="Exact gradient flow through time in GRUs, Elman RNNs and LSTMs.",
+        epilog="example: gatelens demo    (then open gatelens-demo/report.html)",
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(commands)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gatelens`` command; returns the exit status."""
+    arguments = parser().parse_args(argv)
+    console = Console(stderr=bool(getattr(arguments, "json", False)))  # --json keeps stdout for the JSON alone
+    try:
+        return arguments.handler(arguments, console)
+    except KeyboardInterrupt:
+        print("gatelens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line unless --debug
+        if arguments.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"gatelens: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
