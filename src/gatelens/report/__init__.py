@@ -1,0 +1,1 @@
+"""Figures (matplotlib, one function each) and the self-contained HTML report."""
