@@ -86,6 +86,8 @@ def from_state_dict(
     prefix: str | None = None,
     kind: str | None = None,
     nonlinearity: str | None = None,
+    reset: str | None = None,
+    update: str | None = None,
     batch_first: bool = False,
     source: str = "state_dict",
 ) -> Model:
@@ -94,7 +96,9 @@ def from_state_dict(
     The architecture is read from the tensor names and shapes: the number of layers, directions, hidden size,
     projection, bias, and the kind (3 gates: GRU, 4: LSTM, 1: RNN). What shapes cannot tell must be passed:
     ``nonlinearity`` ('tanh' or 'relu') for an RNN, ``batch_first`` for the input layout, and ``prefix`` when the
-    dict holds several recurrent modules.
+    dict holds several recurrent modules. A GRU is read in PyTorch's convention (reset "after", update "keep")
+    unless ``reset`` ("before" or "after") or ``update`` ("keep" or "replace") say otherwise, for weights that a
+    differently written GRU stored in PyTorch's layout.
     """
     flat = _flatten(state)
     groups: dict[str, dict[str, Tensor]] = {}
@@ -128,15 +132,18 @@ def from_state_dict(
         raise ValueError(f"nonlinearity= applies to an RNN only; this state_dict holds a {kind}")
     if kind == "RNN" and nonlinearity is None:
         raise ValueError("a state_dict does not record an RNN's nonlinearity; pass nonlinearity='tanh' or 'relu'")
+    if kind != "GRU" and (reset, update) != (None, None):
+        raise ValueError(f"reset= and update= apply to a GRU only; this state_dict holds a {kind}")
+    convention = {"reset": reset or "after", "update": update or "keep"}
     if not layered:
-        cell = _cell(kind, tensors, "", nonlinearity, prefix)
+        cell = _cell(kind, tensors, "", nonlinearity, prefix, convention)
         return Model(cell, batch_first=batch_first, source=source)
     layer_count = 1 + max(int(PARAMETER.match(name)["layer"]) for name in tensors)  # type: ignore[index]
     bidirectional = any(name.endswith("_reverse") for name in tensors)
     layers = []
     for layer in range(layer_count):
         suffixes = [f"_l{layer}", f"_l{layer}_reverse"] if bidirectional else [f"_l{layer}"]
-        layers.append(tuple(_cell(kind, tensors, suffix, nonlinearity, prefix) for suffix in suffixes))
+        layers.append(tuple(_cell(kind, tensors, suffix, nonlinearity, prefix, convention) for suffix in suffixes))
     known = {
         f"{p}{s}"
         for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
@@ -210,8 +217,16 @@ def _infer_kind(tensors: dict[str, Tensor], hh_name: str, hr_name: str, kind: st
     return inferred
 
 
-def _cell(kind: str, tensors: dict[str, Tensor], suffix: str, nonlinearity: str | None, prefix: str) -> Cell:
-    """One layer and direction's cell from its packed PyTorch tensors, with shapes checked under their own names."""
+def _cell(
+    kind: str,
+    tensors: dict[str, Tensor],
+    suffix: str,
+    nonlinearity: str | None,
+    prefix: str,
+    convention: Mapping[str, str],
+) -> Cell:
+    """One layer and direction's cell from its packed PyTorch tensors, with shapes checked under their own names;
+    ``convention`` holds a GRU's reset and update conventions."""
     names = {p: f"{p}{suffix}" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
     for required in ("weight_ih", "weight_hh"):
         if names[required] not in tensors:
@@ -253,7 +268,7 @@ def _cell(kind: str, tensors: dict[str, Tensor], suffix: str, nonlinearity: str 
     for stem, tensor in packed.items():
         blocks |= {f"{stem}{gate}": chunk for gate, chunk in zip(letters, tensor.chunk(len(letters), dim=0))}
     if kind == "GRU":
-        return GRU(blocks, reset="after", update="keep")
+        return GRU(blocks, **convention)
     if w_hr is not None:
         blocks["W_proj"] = w_hr
     return LSTM(blocks)
