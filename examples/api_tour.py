@@ -1,6 +1,6 @@
-"""gatelens demo: load a PyTorch GRU, trace it, and show which Jacobian paths carry the gradient.
+"""A tour of the Python API: load a PyTorch GRU, trace it, and show which Jacobian paths carry the gradient.
 
-Run with `make demo`. The path share of path p at one step is ‖P_p‖_F / Σ_q ‖P_q‖_F (Frobenius norms of the
+Run with `python examples/api_tour.py` (after `make demo` has installed gatelens). The path share of path p at one step is ‖P_p‖_F / Σ_q ‖P_q‖_F (Frobenius norms of the
 named terms of J = ∂h_t/∂h_{t-1}), averaged over steps and sequences. The demo also answers the seed's blocking
 question with a credit map (where ∂L/∂W_iz comes from when z ≈ r ≈ 0 at one step), prints the traced GRU's
 gradient horizon (propagation), compares a GRU and an Elman RNN of the same size (local gradients, horizon, top
@@ -67,6 +67,8 @@ def main() -> None:
             expected = torch.func.jacrev(one_step)(stack64.states[step, b])
             worst = max(worst, (jacobians64[step, b] - expected).abs().max().item())
     console.print(f"float64 check vs autograd through torch.nn.GRU: max |ΔJ| = {worst:.1e}")
+    if worst > 1e-10:
+        raise SystemExit(f"self-check failed: the Jacobians differ from autograd by {worst:.1e}")
 
     # The seed question's three cases, in its own convention (reset before, update keep).
     cell = gl.GRU.random(3, 8, reset="before", update="keep", seed=0, dtype=torch.float64)
