@@ -82,3 +82,12 @@ def test_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> None:
         main(["experiment", "--help"])
     assert "example: gatelens experiment seed-cases" in capsys.readouterr().out
     assert set(EXPERIMENTS) >= {"seed-cases"}
+
+
+def test_command_line_json_holds_the_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["experiment", "seed-cases", "--seeds", "1", "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    with (tmp_path / "results.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(result["rows"]) == len(rows) and result["summary"] and str(tmp_path / "results.csv") in result["files"]
+    assert [str(row["part"]) for row in result["rows"]] == [row["part"] for row in rows]

@@ -1,10 +1,173 @@
-"""What the commands share: the options every command has."""
+"""What the commands share: common options, reading a model and its input, device and dtype."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gatelens.io import load
+from gatelens.model import Model
+from gatelens.trace import Trace
+
+STATE_DICT_OPTIONS = ("nonlinearity", "reset", "update", "batch_first")  # what a PyTorch state_dict cannot tell
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def add_common_options(command: argparse.ArgumentParser) -> None:
     """Options every command has."""
     command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def add_model_options(command: argparse.ArgumentParser) -> None:
+    """The model file, its input, and where and how to compute: the options of analyze, explain, jacobians, credit."""
+    model = command.add_argument_group("model")
+    model.add_argument("checkpoint", help="a PyTorch state_dict (.pt, .pth; loaded with weights_only), .onnx or .keras/.h5")
+    model.add_argument(
+        "--prefix",
+        help="which recurrent module: a state_dict key prefix (e.g. 'encoder.rnn'), an ONNX node or a Keras layer "
+        "(name or index); needed when the file holds several",
+    )
+    model.add_argument("--nonlinearity", choices=("tanh", "relu"), help="an RNN's nonlinearity (a state_dict has none)")
+    model.add_argument("--reset", choices=("after", "before"), help="a GRU's reset placement (default: after, PyTorch's)")
+    model.add_argument("--update", choices=("keep", "replace"), help="a GRU's update convention (default: keep)")
+    model.add_argument("--batch-first", action="store_true", help="the input is (B, T, I), as for batch_first=True")
+    data = command.add_argument_group("input")
+    data.add_argument("--input", help="the input sequences: a tensor in .pt or an array in .npy, (T, B, I) or (T, I)")
+    data.add_argument("--steps", type=int, default=50, help="without --input: random sequences of this length (50)")
+    data.add_argument("--batch", type=int, default=4, help="without --input: this many random sequences (4)")
+    data.add_argument("--seed", type=int, default=0, help="seed of random inputs and probe readouts (0)")
+    compute = command.add_argument_group("computation")
+    compute.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, …")
+    compute.add_argument("--dtype", choices=tuple(DTYPES), help="compute in this dtype (default: the model's own)")
+    command.add_argument("--json", action="store_true", help="print the result as JSON on stdout (messages on stderr)")
+    add_common_options(command)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model with its input, traced: ``note`` says where the input came from."""
+
+    model: Model
+    trace: Trace
+    note: str
+
+
+def load_and_trace(arguments: argparse.Namespace) -> Loaded:
+    """Read the model and its input as the options say, move both to the device and dtype, and trace."""
+    device = _device(arguments.device)
+    model = _model(arguments)
+    if arguments.dtype is not None:
+        model = model.to(DTYPES[arguments.dtype])
+    model = model.to(device)
+    x, note = _input(arguments, model)
+    return Loaded(model, model.trace(x.to(device=device, dtype=model.dtype)), note)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or mps") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise ValueError(f"device {name!r} is not available on this machine; use --device cpu")
+    return device
+
+
+def _model(arguments: argparse.Namespace) -> Model:
+    path = Path(arguments.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    given = {option: getattr(arguments, option) for option in STATE_DICT_OPTIONS if getattr(arguments, option)}
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".keras", ".h5"):
+        recorded = sorted(f"--{option.replace('_', '-')}" for option in given)
+        if recorded:
+            raise ValueError(f"{', '.join(recorded)} apply to PyTorch state_dicts; a {suffix} file records its own")
+        choice: int | str | None = arguments.prefix
+        if choice is not None and choice.isdigit():
+            choice = int(choice)
+        return load(path, **({} if choice is None else {"node" if suffix == ".onnx" else "layer": choice}))
+    return load(path, prefix=arguments.prefix, **given)
+
+
+def _input(arguments: argparse.Namespace, model: Model) -> tuple[torch.Tensor, str]:
+    """The input as a (T, B, I) tensor (batch first if the model is), and a note on where it came from."""
+    if arguments.input is None:
+        for name in ("steps", "batch"):
+            if getattr(arguments, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(arguments, name)}")
+        generator = torch.Generator().manual_seed(arguments.seed)
+        shape = (arguments.steps, arguments.batch, model.input_size)
+        x = torch.randn(shape, generator=generator, dtype=torch.float64)
+        note = f"no --input given: {arguments.batch} random sequences of {arguments.steps} steps, N(0, 1), seed {arguments.seed}"
+        return (x.transpose(0, 1) if model.batch_first else x), note
+    path = Path(arguments.input)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such input file: {path}")
+    x = _read_array(path)
+    layout = "(B, T, I)" if model.batch_first else "(T, B, I)"
+    if x.dim() == 2:
+        x = x.unsqueeze(0 if model.batch_first else 1)  # one sequence
+    if x.dim() != 3:
+        raise ValueError(f"{path} holds an array of shape {tuple(x.shape)}; expected {layout} or (T, I)")
+    if x.shape[-1] != model.input_size:
+        raise ValueError(
+            f"{path} has {x.shape[-1]} features per step (shape {tuple(x.shape)}), but the model takes "
+            f"{model.input_size}; expected {layout} with I = {model.input_size}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{path} contains NaN or Inf")
+    return x, f"input {path.name}: shape {tuple(x.shape)} {layout}"
+
+
+def _read_array(path: Path) -> torch.Tensor:
+    """A floating tensor from .npy (no pickles) or a torch file holding one tensor (weights_only)."""
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{path} is not a readable .npy array: {' '.join(str(error).split())}") from None
+        if not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"{path} holds {array.dtype} values; expected numbers")
+        return torch.from_numpy(np.asarray(array, dtype=np.float64))
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or pickled file; all mean "cannot read"
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path} is not a readable tensor file (loaded with weights_only): {first_line}") from None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{path} holds a {type(value).__name__}; expected one tensor, saved with torch.save(x, path)")
+    if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{path} holds a {value.dtype} tensor; expected floating point")
+    return value.double()
+
+
+def print_json(value: Any) -> None:
+    """``value`` as JSON on stdout; NaN and ±inf become null, numpy scalars plain numbers."""
+    json.dump(_plain(value), sys.stdout, indent=1, allow_nan=False)
+    sys.stdout.write("\n")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
