@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from gatelens.cli import experiment
+from gatelens.cli import analyze, demo, experiment, sweep
 
-COMMANDS = (experiment,)
+COMMANDS = (demo, analyze, experiment, sweep)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -28,14 +28,18 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
 def add_model_options(command: argparse.ArgumentParser) -> None:
     """The model file, its input, and where and how to compute: the options of analyze, explain, jacobians, credit."""
     model = command.add_argument_group("model")
-    model.add_argument("checkpoint", help="a PyTorch state_dict (.pt, .pth; loaded with weights_only), .onnx or .keras/.h5")
+    model.add_argument(
+        "checkpoint", help="a PyTorch state_dict (.pt, .pth; loaded with weights_only), .onnx or .keras/.h5"
+    )
     model.add_argument(
         "--prefix",
         help="which recurrent module: a state_dict key prefix (e.g. 'encoder.rnn'), an ONNX node or a Keras layer "
         "(name or index); needed when the file holds several",
     )
     model.add_argument("--nonlinearity", choices=("tanh", "relu"), help="an RNN's nonlinearity (a state_dict has none)")
-    model.add_argument("--reset", choices=("after", "before"), help="a GRU's reset placement (default: after, PyTorch's)")
+    model.add_argument(
+        "--reset", choices=("after", "before"), help="a GRU's reset placement (default: after, PyTorch's)"
+    )
     model.add_argument("--update", choices=("keep", "replace"), help="a GRU's update convention (default: keep)")
     model.add_argument("--batch-first", action="store_true", help="the input is (B, T, I), as for batch_first=True")
     data = command.add_argument_group("input")
@@ -111,7 +115,10 @@ def _input(arguments: argparse.Namespace, model: Model) -> tuple[torch.Tensor, s
         generator = torch.Generator().manual_seed(arguments.seed)
         shape = (arguments.steps, arguments.batch, model.input_size)
         x = torch.randn(shape, generator=generator, dtype=torch.float64)
-        note = f"no --input given: {arguments.batch} random sequences of {arguments.steps} steps, N(0, 1), seed {arguments.seed}"
+        note = (
+            f"no --input given: {arguments.batch} random sequences of {arguments.steps} steps, N(0, 1), "
+            f"seed {arguments.seed}"
+        )
         return (x.transpose(0, 1) if model.batch_first else x), note
     path = Path(arguments.input)
     if not path.is_file():
@@ -170,4 +177,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
-

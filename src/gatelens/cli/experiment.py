@@ -8,7 +8,6 @@ from typing import Any
 from rich.console import Console
 
 from gatelens.cli.common import add_common_options, print_json
-
 from gatelens.experiments.catalog import EXPERIMENTS, experiment
 from gatelens.experiments.runner import PRESETS
 
@@ -35,7 +34,9 @@ def run(arguments: argparse.Namespace, console: Console) -> int:
         report = experiment(arguments.name, preset=arguments.preset, seeds=arguments.seeds, out=out)
     files = [str(path) for path in report.files]
     if arguments.json:
-        print_json({"summary": report.outcome.summary, "out": str(report.out), "files": files, "rows": report.outcome.rows})
+        print_json(
+            {"summary": report.outcome.summary, "out": str(report.out), "files": files, "rows": report.outcome.rows}
+        )
     else:
         console.print(report.outcome.summary)
     console.print(f"results in {report.out}: " + ", ".join(path.name for path in report.files))

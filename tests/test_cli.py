@@ -1,0 +1,259 @@
+"""The analysis commands (analyze, explain, jacobians, credit) on saved models, checked against torch autograd
+through the framework's own module, and their one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gatelens as gl
+from gatelens.cli import main
+
+T, B, I, H = 9, 3, 3, 5
+
+
+def saved_module(tmp_path: Path, module: nn.Module, name: str = "model.pt") -> Path:
+    path = tmp_path / name
+    torch.save(module.state_dict(), path)
+    return path
+
+
+def saved_input(tmp_path: Path, steps: int = T, batch: int = B, features: int = I, name: str = "x.npy") -> Path:
+    x = np.random.default_rng(1).standard_normal((steps, batch, features))
+    path = tmp_path / name
+    np.save(path, x)
+    return path
+
+
+def probe_readout(steps: int, batch: int, features: int, seed: int = 0) -> torch.Tensor:
+    """The probe losses' readout w, drawn as documented: N(0, 1), time-major, float64, from ``seed``."""
+    return torch.randn((steps, batch, features), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def autograd_probe_gradients(module: nn.Module, x: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
+    """∂L/∂θ through the torch module itself: L = Σ_b ⟨w_{T−1,b}, y_{T−1,b}⟩ (last) or Σ_t,b ⟨w_t,b, y_t,b⟩ (all)."""
+    module = module.double()
+    module.zero_grad()
+    y, _ = module(x)
+    w = probe_readout(*y.shape)
+    if loss == "last":
+        w = torch.where(torch.arange(y.shape[0])[:, None, None] == y.shape[0] - 1, w, 0.0)
+    (w * y).sum().backward()
+    return {name: parameter.grad.clone() for name, parameter in module.named_parameters()}
+
+
+def run(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(arguments)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# jacobians and credit: the arrays scripts read
+
+
+def test_jacobians_equal_autograd_through_the_torch_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gru = nn.GRU(I, H)
+    out = tmp_path / "J.npz"
+    arguments = ["jacobians", str(saved_module(tmp_path, gru)), "--input", str(saved_input(tmp_path))]
+    status, stdout, _ = run([*arguments, "--dtype", "float64", "--out", str(out), "--json"], capsys)
+    assert status == 0
+    listing = json.loads(stdout)
+    arrays = np.load(out)
+    assert listing["file"] == str(out) and set(listing["arrays"]) == set(arrays.files)
+    jacobian = arrays["l0/jacobian"]
+    assert jacobian.shape == (T, B, H, H) and listing["arrays"]["l0/jacobian"] == [T, B, H, H]
+    paths = [name for name in arrays.files if name != "l0/jacobian"]
+    assert {name.split("/")[1] for name in paths} == {"carry", "update", "candidate", "reset"}
+    np.testing.assert_allclose(sum(arrays[name] for name in paths), jacobian, rtol=0, atol=1e-12)
+
+    cell = nn.GRUCell(I, H).double()
+    cell.load_state_dict({name.removesuffix("_l0"): value.double() for name, value in gru.state_dict().items()})
+    x = torch.from_numpy(np.load(tmp_path / "x.npy"))
+    h = torch.zeros(B, H, dtype=torch.float64)
+    for t in range(T):
+        for b in range(B):
+            expected = torch.func.jacrev(lambda state, t=t, b=b: cell(x[t, b], state))(h[b])
+            np.testing.assert_allclose(jacobian[t, b], expected.detach().numpy(), rtol=0, atol=1e-12)
+        h = cell(x[t], h).detach()
+
+
+@pytest.mark.parametrize("loss", ["last", "all"])
+def test_credit_total_equals_autograd_of_the_probe_loss(
+    loss: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lstm = nn.LSTM(I, H, num_layers=2)
+    out = tmp_path / "C.npz"
+    arguments = ["credit", str(saved_module(tmp_path, lstm)), "--input", str(saved_input(tmp_path)), "--loss", loss]
+    status, stdout, _ = run([*arguments, "--dtype", "float64", "--out", str(out)], capsys)
+    assert status == 0 and "C.npz" in stdout
+    arrays = np.load(out)
+    expected = autograd_probe_gradients(lstm, torch.from_numpy(np.load(tmp_path / "x.npy")), loss)
+    stems = {"weight_ih": "W_i", "weight_hh": "W_h", "bias_ih": "b_i", "bias_hh": "b_h"}  # PyTorch → gatelens
+    checked = 0
+    for torch_name, gradient in expected.items():
+        stem, layer = torch_name.rsplit("_l", 1)
+        for gate, rows in zip("ifgo", gradient.chunk(4, dim=0)):  # PyTorch packs the gates in the order i, f, g, o
+            name = f"l{layer}.{stems[stem]}{gate}"
+            np.testing.assert_allclose(arrays[f"total/{name}"], rows.numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(arrays[f"by_source/{name}"].sum(axis=0), rows.numpy(), rtol=1e-10, atol=1e-12)
+            assert arrays[f"norms/{name}"].shape == (T, T) and arrays[f"by_lag/{name}"].shape == (T,)
+            checked += 1
+    assert checked == 2 * 4 * 4 and len([name for name in arrays.files if name.startswith("total/")]) == checked
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# explain and analyze: findings, results.json, the report folder
+
+
+def test_explain_json_holds_the_findings_of_the_api(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rnn = nn.RNN(I, H, nonlinearity="relu", bidirectional=True)
+    checkpoint, x = saved_module(tmp_path, rnn), saved_input(tmp_path)
+    status, stdout, stderr = run(
+        ["explain", str(checkpoint), "--input", str(x), "--nonlinearity", "relu", "--json"], capsys
+    )
+    assert status == 0 and "input x.npy" in stderr
+    result = json.loads(stdout)
+    expected = gl.explain(gl.load(rnn).trace(torch.from_numpy(np.load(x)).float())).to_dict()
+    assert result["findings"] == expected["findings"] and result["model"].startswith("Model(Elman(")
+
+
+def test_analyze_writes_results_figures_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gru = nn.GRU(I, H, num_layers=2)
+    out = tmp_path / "analysis"
+    arguments = ["analyze", str(saved_module(tmp_path, gru)), "--input", str(saved_input(tmp_path))]
+    status, stdout, stderr = run(
+        [*arguments, "--loss", "all", "--dtype", "float64", "--out", str(out), "--json"], capsys
+    )
+    assert status == 0
+    printed = json.loads(stdout)
+    result = json.loads((out / "results.json").read_text())
+    assert {key: value for key, value in printed.items() if key != "files"} == result
+    assert sorted(printed["files"]) == sorted(str(path) for path in out.iterdir())
+    assert result["loss"].startswith("probe loss many-to-many")
+    expected = autograd_probe_gradients(gru, torch.from_numpy(np.load(tmp_path / "x.npy")), "all")
+    np.testing.assert_allclose(result["credit"]["total"]["l0.W_hz"], expected["weight_hh_l0"][H : 2 * H], rtol=1e-10)
+    (part,) = result["recurrences"].values()  # a unidirectional stack is one recurrence
+    assert {"regimes", "propagation", "local_gradients", "lyapunov"} <= set(part)
+    assert len(part["lyapunov"]["exponents"]) == B and len(part["lyapunov"]["exponents"][0]) == 2 * H
+    topics = {finding["topic"] for finding in result["explanation"]["findings"]}
+    assert topics == {"regimes", "timescales", "horizon", "blocking", "local gradients", "lyapunov"}
+    pngs = sorted(path.name for path in out.glob("*.png"))
+    assert len(pngs) >= 7 and all((out / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+    html = (out / "report.html").read_text()
+    assert html.count("<img") == len(pngs) and "findings" in html.lower()
+
+
+def test_analyze_without_input_says_so_and_uses_the_right_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = saved_module(tmp_path, nn.GRU(I, H, batch_first=True))
+    out = tmp_path / "out"
+    arguments = ["analyze", str(checkpoint), "--batch-first", "--steps", "6", "--batch", "2", "--out", str(out)]
+    status, stdout, _ = run(arguments, capsys)
+    assert status == 0 and "random sequences" in stdout and "no --input" in stdout
+    html = (out / "report.html").read_text()
+    assert "random sequences" in html
+    result = json.loads((out / "results.json").read_text())
+    (part,) = result["recurrences"].values()
+    assert np.array(part["lyapunov"]["finite_time"]).shape[1] == 2  # (windows, B, S): two random sequences
+
+
+def test_onnx_and_keras_files_are_analysed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    onnx_tests = pytest.importorskip("tests.test_onnx_loader")
+    config = onnx_tests.Config("GRU")
+    onnx_path = onnx_tests.save(onnx_tests.make_proto(config, onnx_tests.weights(config)), tmp_path)
+    x = saved_input(tmp_path, features=onnx_tests.I)
+    status, stdout, _ = run(["explain", str(onnx_path), "--input", str(x), "--prefix", "0", "--json"], capsys)
+    assert status == 0
+    expected = gl.explain(gl.load(onnx_path).trace(torch.from_numpy(np.load(x)).float())).to_dict()
+    assert json.loads(stdout)["findings"] == expected["findings"]
+
+    keras_tests = pytest.importorskip("tests.test_keras_loader")
+    model = keras_tests.keras_model([keras_tests.keras.layers.GRU(4, return_sequences=True)])
+    keras_path = keras_tests.save(model, tmp_path / "model.keras")
+    status, stdout, _ = run(["jacobians", str(keras_path), "--out", str(tmp_path / "J.npz"), "--json"], capsys)
+    assert status == 0 and json.loads(stdout)["arrays"]["l0/jacobian"] == [50, 4, 4, 4]
+
+
+def test_reset_and_update_flags_choose_the_gru_convention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint, x = saved_module(tmp_path, nn.GRU(I, H)), saved_input(tmp_path)
+    for flags, convention in (
+        ([], ("after", "keep")),
+        (["--reset", "before", "--update", "replace"], ("before", "replace")),
+    ):
+        status, stdout, _ = run(["explain", str(checkpoint), "--input", str(x), *flags, "--json"], capsys)
+        assert status == 0 and f"reset='{convention[0]}', update='{convention[1]}'" in json.loads(stdout)["model"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one line on stderr, exit status 2, no traceback
+
+
+class Payload:
+    def __reduce__(self) -> tuple:
+        return (print, ("this must never run",))
+
+
+def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    good = saved_module(tmp_path, nn.GRU(I, H))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02not a checkpoint at all")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"weight_ih_l0": Payload()}, pickled)
+    linear = saved_module(tmp_path, nn.Linear(3, 4), "linear.pt")
+    wide = saved_input(tmp_path, features=I + 1, name="wide.npy")
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((T, B, I), np.nan))
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.zeros(5))
+    x = str(saved_input(tmp_path))
+    lstm = str(saved_module(tmp_path, nn.LSTM(I, H), "lstm.pt"))
+    return {
+        "missing checkpoint": (["explain", str(tmp_path / "nope.pt")], "no such file"),
+        "corrupt checkpoint": (["explain", str(corrupt)], "is not a readable PyTorch file"),
+        "pickled code": (["explain", str(pickled)], "never runs code"),
+        "no recurrent weights": (["explain", str(linear)], "expected one recurrent module"),
+        "feature size": (["explain", str(good), "--input", str(wide)], "has 4 features per step"),
+        "NaN input": (["explain", str(good), "--input", str(nan)], "contains NaN or Inf"),
+        "input rank": (["explain", str(good), "--input", str(flat)], "holds an array of shape (5,)"),
+        "missing input": (["explain", str(good), "--input", str(tmp_path / "none.npy")], "no such input file"),
+        "unknown device": (["explain", str(good), "--device", "tpu7"], "unknown device 'tpu7'"),
+        "absent device": (["explain", str(good), "--device", "cuda:63"], "not available on this machine"),
+        "rnn without nonlinearity": (["explain", str(saved_module(tmp_path, nn.RNN(I, H), "rnn.pt"))], "nonlinearity"),
+        "gru flag on an lstm": (["explain", lstm, "--reset", "before"], "GRU only"),
+        "npz name": (["jacobians", str(good), "--input", x, "--out", str(tmp_path / "J.txt")], "must name a .npz"),
+        "zero steps": (["explain", str(good), "--steps", "0"], "--steps must be at least 1"),
+    }  # fmt: skip
+
+
+CASES = [
+    "missing checkpoint", "corrupt checkpoint", "pickled code", "no recurrent weights", "feature size", "NaN input",
+    "input rank", "missing input", "unknown device", "absent device", "rnn without nonlinearity",
+    "gru flag on an lstm", "npz name", "zero steps",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments, message = bad_cases(tmp_path)[case]
+    status, stdout, stderr = run(arguments, capsys)
+    assert status == 2 and stderr.count("\n") == 1 and stderr.startswith("gatelens: error: ")
+    assert message in stderr and "Traceback" not in stderr and "this must never run" not in stdout + stderr
+
+
+def test_debug_shows_the_exception(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        main(["explain", str(tmp_path / "nope.pt"), "--debug"])
+
+
+@pytest.mark.parametrize("command", ["demo", "analyze", "explain", "jacobians", "credit", "experiment"])
+def test_every_command_has_help_with_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and f"example: gatelens {command}" in capsys.readouterr().out
