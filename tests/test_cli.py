@@ -147,6 +147,7 @@ def test_analyze_writes_results_figures_and_report(tmp_path: Path, capsys: pytes
     assert len(pngs) >= 7 and all((out / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
     html = (out / "report.html").read_text()
     assert html.count("<img") == len(pngs) and "findings" in html.lower()
+    assert "probe loss at every step" not in html  # --loss all: the credit map already has a loss at every step
 
 
 def test_analyze_without_input_says_so_and_uses_the_right_size(

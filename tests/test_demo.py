@@ -49,6 +49,7 @@ def test_the_folder_holds_the_report_results_figures_and_models(demo: tuple[Path
     assert len(pngs) >= 12 and all(path.read_bytes().startswith(b"\x89PNG") for path in pngs)
     html = (out / "report.html").read_text()
     assert html.count("<img") == len(pngs) and "GRU" in html and "Elman" in html
+    assert "a probe loss at every step" in html  # the task's loss sits at the last step only
     assert "GRU" in printed and "Elman" in printed and "findings" in printed and "report.html" in printed
 
 

@@ -3,7 +3,8 @@
 :func:`run_analyses` traces nothing itself: it takes a :class:`~gatelens.Trace` and runs
 
     credit        the credit map of the task's loss when it is known, else of a probe loss L = ⟨w, h⟩
-                  (many-to-one: "last"; many-to-many: "all")
+                  (many-to-one: "last"; many-to-many: "all"); and, when that loss sits at one step only, the
+                  many-to-many probe's too, whose loss step × source step map shows more than one row
     per recurrence (the whole unidirectional model, or each layer and direction of a bidirectional one):
       regimes       gate regimes and unit timescales τ = 1 / (1 − c̄)
       propagation   log‖∂h_T/∂h_{T−ℓ}‖ for every lag ℓ from the last step, and the gradient horizon
@@ -79,6 +80,7 @@ class Analyses:
     trace: Trace
     loss: str  # what the credit map is of, in words
     credit: CreditMap
+    credit_by_step: CreditMap  # a loss at every step, for the loss step × source step map: credit, or the probe
     recurrences: list[RecurrenceAnalyses]
     explanation: Explanation
 
@@ -124,16 +126,18 @@ def run_analyses(
     """Run every analysis on ``trace``; ``advance(stage)`` is called after each of :func:`stages` steps.
 
     ``credit``: the credit map of the task's loss; without it, the probe loss ``loss`` ("last" or "all")."""
+    if credit is not None and not isinstance(credit, CreditMap):
+        raise TypeError(f"credit must be a CreditMap (from gl.credit), got {type(credit).__name__}")
+    if credit is None and loss not in PROBES:
+        raise ValueError(f"unknown loss {loss!r}; expected 'last' (many-to-one) or 'all' (many-to-many)")
+    probes = probe_credits(trace, seed=seed)
     if credit is None:
-        if loss not in PROBES:
-            raise ValueError(f"unknown loss {loss!r}; expected 'last' (many-to-one) or 'all' (many-to-many)")
-        probes = probe_credits(trace, seed=seed)
         credits, chosen = probes, probes[PROBES[loss]]
         description = f"probe loss {PROBES[loss]}: ⟨w, h⟩ with a random readout w (seed {seed})"
-    elif isinstance(credit, CreditMap):
-        credits, chosen, description = credit, credit, "the task's loss"
     else:
-        raise TypeError(f"credit must be a CreditMap (from gl.credit), got {type(credit).__name__}")
+        credits, chosen, description = credit, credit, "the task's loss"
+    loss_steps = int(chosen.out_grads.flatten(1).ne(0).any(dim=1).sum())
+    by_step = chosen if loss_steps > 1 else probes["many-to-many"]
     advance("credit map")
     parts = []
     for layer, direction in recurrence_parts(trace):
@@ -150,4 +154,4 @@ def run_analyses(
         parts.append(RecurrenceAnalyses(label, layer, direction, regime, flow, local, exponents))
     explanation = explain(trace, credit=credits, seed=seed)
     advance("findings")
-    return Analyses(name, trace, description, chosen, parts, explanation)
+    return Analyses(name, trace, description, chosen, by_step, parts, explanation)

@@ -91,14 +91,16 @@ def report_figures(analyses: Sequence[Analyses]) -> list[ReportFigure]:
                 "the lower line short-term.",
                 figures.unit_timescales(part.regimes),
             )
-        blocks = [name for name in item.credit.total if name.split(".")[-1].startswith("W_")]
+        by_step = item.credit_by_step
+        blocks = [name for name in by_step.total if name.split(".")[-1].startswith("W_")]
+        probe = "" if by_step is item.credit else " (a probe loss at every step: the task's loss has one loss step)"
         add(
             "credit",
             owner,
-            f"{prefix}credit map per weight matrix",
+            f"{prefix}credit map per weight matrix{probe}",
             "How much of each weight's gradient the loss at step t (rows) takes from the input at step k "
             "(columns), ‖C(t, k)‖ on a log colour scale: mass far left of the diagonal is long-range credit.",
-            figures.credit_heatmap(item.credit, blocks=blocks),
+            figures.credit_heatmap(by_step, blocks=blocks),
         )
         add(
             "lags",
