@@ -56,11 +56,6 @@ class RecurrenceAnalyses:
     local: LocalGradients
     lyapunov: Lyapunov
 
-    @property
-    def horizon(self) -> int:
-        """The horizon of the first sequence from the last step (−1: the norm never falls below EPS)."""
-        return int(self.propagation.horizon(EPS)[0, 0])
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": self.layer,

@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from gatelens.analysis import CreditMap
 from gatelens.report import figures
 from gatelens.report.analyses import Analyses
 from gatelens.report.html import ReportFigure, write_report
@@ -92,7 +93,6 @@ def report_figures(analyses: Sequence[Analyses]) -> list[ReportFigure]:
                 figures.unit_timescales(part.regimes),
             )
         by_step = item.credit_by_step
-        blocks = [name for name in by_step.total if name.split(".")[-1].startswith("W_")]
         probe = "" if by_step is item.credit else " (a probe loss at every step: the task's loss has one loss step)"
         add(
             "credit",
@@ -100,15 +100,15 @@ def report_figures(analyses: Sequence[Analyses]) -> list[ReportFigure]:
             f"{prefix}credit map per weight matrix{probe}",
             "How much of each weight's gradient the loss at step t (rows) takes from the input at step k "
             "(columns), ‖C(t, k)‖ on a log colour scale: mass far left of the diagonal is long-range credit.",
-            figures.credit_heatmap(by_step, blocks=blocks),
+            figures.credit_heatmap(by_step, blocks=weights(by_step)),
         )
         add(
             "lags",
             owner,
             f"{prefix}credit by time lag and gradient propagation",
-            "Left: the size of each weight's gradient by lag t − k. Right: log‖∂h_T/∂h_(T−ℓ)‖ over ℓ; the "
+            "Left: the size of each weight matrix's gradient by lag t − k. Right: log‖∂h_T/∂h_(T−ℓ)‖ over ℓ; the "
             "gradient horizon is where it falls below the dashed line.",
-            figures.lag_profile(item.credit, item.recurrences[0].propagation),
+            figures.lag_profile(item.credit, item.recurrences[0].propagation, blocks=weights(item.credit)),
         )
     locals_, exponents = {}, {}
     for item in analyses:
@@ -132,6 +132,11 @@ def report_figures(analyses: Sequence[Analyses]) -> list[ReportFigure]:
         figures.lyapunov_spectrum(exponents),
     )
     return entries
+
+
+def weights(credit_map: CreditMap) -> list[str]:
+    """The weight matrices among the credit map's blocks (l0.W_hz, …; not the biases)."""
+    return [name for name in credit_map.total if name.split(".")[-1].startswith("W_")]
 
 
 def _slug(text: str) -> str:
