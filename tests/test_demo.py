@@ -16,6 +16,7 @@ from torch import nn
 from gatelens.cli import main
 from gatelens.cli.demo import PROBE, SEQUENCES, SPLIT
 from gatelens.experiments.tasks import adding_problem
+from tests.test_report_browser import assert_renders
 
 STEPS, HIDDEN, SEED = 12, 4, 3
 MODULES = {"GRU": nn.GRU, "Elman": nn.RNN}
@@ -90,3 +91,8 @@ def test_test_error_and_credit_equal_plain_torch(name: str, demo: tuple[Path, st
 def test_saved_models_are_read_by_analyze(demo: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["explain", str(demo[0] / "elman.pt"), "--nonlinearity", "tanh", "--steps", "5", "--json"])
     assert status == 0 and json.loads(capsys.readouterr().out)["model"].startswith("Model(Elman(")
+
+
+def test_the_demo_report_renders_in_chromium(demo: tuple[Path, str], tmp_path: Path) -> None:
+    screenshot = assert_renders(demo[0] / "report.html", tmp_path / "demo.png")
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
