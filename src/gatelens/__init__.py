@@ -35,6 +35,7 @@ from gatelens.cells import GRU, LSTM, Cell, Elman, Stack
 from gatelens.experiments.monitor import Monitor
 from gatelens.io import load
 from gatelens.model import Model
+from gatelens.sweep import sweep
 from gatelens.trace import Recurrence, Trace
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "probe_credits",
     "propagation",
     "regimes",
+    "sweep",
     "what_if",
 ]
 __version__ = "0.1.0"

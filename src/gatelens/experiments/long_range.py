@@ -27,13 +27,14 @@ horizons and the share of probe sequences whose norm did fall below eps. One row
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 
 import gatelens as gl
-from gatelens.experiments.runner import Experiment, Outcome, Settings
+from gatelens.experiments.runner import Axis, Experiment, Outcome, Point, Settings
 from gatelens.experiments.tasks import Dataset, adding_problem, copy_task
 from gatelens.experiments.train import SequenceModel, build_model, train
 
@@ -86,6 +87,14 @@ def horizon(network: SequenceModel, probe: torch.Tensor, eps: float) -> tuple[in
     reached = lags >= 0
     lags = torch.where(reached, lags, probe.shape[0])
     return int(lags.sort().values[len(lags) // 2]), float(reached.double().mean())
+
+
+def point(config: Mapping[str, Any]) -> dict[str, Any]:
+    """One run alone (what ``gatelens sweep`` runs per grid point): ``config`` holds the preset's keys (without
+    "seeds", "adding_steps" and "copy_delays") and the run's "task", "length", "architecture" and "seed". Returns
+    the measurements of its "run" row (:data:`POINT_METRICS`), the same numbers the experiment computes."""
+    row = _run(config["task"], config["length"], config["architecture"], config["seed"], dict(config))
+    return {key: row[key] for key in POINT_METRICS}
 
 
 def _run(task: str, length: int, architecture: str, seed: int, config: dict) -> dict:
@@ -227,6 +236,40 @@ def _horizon_figure(summary: list[dict]) -> Figure:
     return _panels(summary, "horizon (dashed: init, solid: trained)", "gradient horizon (steps)", draw)
 
 
+POINT_METRICS = (
+    "steps", "metric", "value", "baseline", "threshold", "success", "epochs_run", "best_epoch", "horizon_init",
+    "horizon_trained", "reached_init", "reached_trained",
+)  # fmt: skip
+POINT_SETTINGS = (
+    "copy_length",
+    "copy_symbols",
+    "sequences",
+    "split",
+    "hidden",
+    "epochs",
+    "batch_size",
+    "lr",
+    "clip",
+    "patience",
+    "eps",
+    "probe",
+)  # fmt: skip  (the preset's keys a run reads; "seeds", "adding_steps" and "copy_delays" are the experiment's loops)
+POINT = Point(
+    run=point,
+    axes={  # a point's one task, length, architecture and seed, instead of the preset's loops over them
+        "task": Axis("adding (T = length) or copy (delay D = length)", choices=TASKS, default="adding"),
+        "length": Axis("the adding problem's steps T or the copy task's delay D", minimum=1),
+        "architecture": Axis("gru, elman (tanh), lstm or gru-chrono", choices=tuple(ARCHITECTURES)),
+        "seed": Axis("seeds the data, the initialisation and the mini-batch order", default=0),
+    },
+    settings=POINT_SETTINGS,
+    metrics=POINT_METRICS,
+    figures=("success", "horizon_init", "horizon_trained"),
+    x="length",
+    lines="architecture",
+    panels="task",
+)
+
 LONG_RANGE = Experiment(
     name="long-range",
     description="GRU vs Elman vs LSTM (and GRU with chrono init) on the adding and copy tasks over sequence lengths: "
@@ -268,4 +311,5 @@ LONG_RANGE = Experiment(
         },
     },
     run=run,
+    point=POINT,
 )

@@ -52,13 +52,51 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Axis:
+    """A key that picks one run of an experiment (a task, a length, an architecture, a seed), for sweeps.
+
+    ``choices``: the values it may take (strings); None: any int ≥ ``minimum``. ``default``: its value when a sweep
+    gives none; None: a sweep must give it.
+    """
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: int = 0
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of an experiment as a function of its configuration, for ``gatelens sweep``: ``run(config) → metrics``.
+
+    ``config`` holds a value for every key in ``axes`` and, for every key in ``settings``, the preset's value or a
+    sweep's override of it. ``run`` returns a dict with exactly the keys ``metrics`` (numbers, bools, strings or
+    lists of them) and is deterministic: every random draw comes from a generator seeded from ``config``, so the same
+    configuration gives the same metrics in any process. The experiment's own ``run`` computes the same rows.
+    Figures of a sweep plot the ``figures`` metrics against ``x``, one line per value of ``lines`` and one panel per
+    value of ``panels`` (each used only when the sweep's grid varies it).
+    """
+
+    run: Callable[[Mapping[str, Any]], dict[str, Any]]
+    axes: Mapping[str, Axis]
+    settings: tuple[str, ...]
+    metrics: tuple[str, ...]
+    figures: tuple[str, ...] = ()
+    x: str | None = None
+    lines: str | None = None
+    panels: str | None = None
+
+
+@dataclass(frozen=True)
 class Experiment:
-    """A named experiment with its presets (each a configuration) and the function that runs it."""
+    """A named experiment with its presets (each a configuration) and the function that runs it; ``point``, when
+    set, runs one of its runs alone, so that ``gatelens sweep`` can run it over a grid."""
 
     name: str
     description: str
     presets: Mapping[str, Mapping[str, Any]]
     run: Callable[[Settings], Outcome]
+    point: Point | None = None
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,15 @@ learned; predicting 0 gives RMSE 1).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
 import gatelens as gl
-from gatelens.experiments.runner import Experiment, Outcome, Settings
+from gatelens.experiments.runner import Axis, Experiment, Outcome, Point, Settings
 from gatelens.experiments.tasks import multi_timescale
 from gatelens.experiments.train import build_model, predict, train
 
@@ -34,6 +37,21 @@ def run(settings: Settings) -> Outcome:
         rows=runs + units,
         figures={"gate_vs_influence": _scatter(units), "influence_profiles": _profiles(results[0][2])},
     )
+
+
+def point(config: Mapping[str, Any]) -> dict[str, Any]:
+    """One seed's run alone (what ``gatelens sweep`` runs per grid point): ``config`` holds the preset's keys (without
+    "seeds") and the run's "seed". Returns its "runs" row's numbers (:data:`POINT_METRICS`; "epochs_run" is the row's
+    "epochs", the number of epochs trained), with the test RMSE per delay as one list in the order of ``delays``,
+    and their mean, "rmse_mean"."""
+    row, _, _ = _one_seed(config["seed"], dict(config))
+    errors = [row[f"rmse_delay_{delay}"] for delay in config["delays"]]
+    return {
+        "epochs_run": row["epochs"],
+        "rmse_by_delay": errors,
+        "rmse_mean": sum(errors) / len(errors),
+        **{key: row[key] for key in ("spearman_gate_influence", "long_term_units", "short_term_units")},
+    }
 
 
 def _one_seed(seed: int, config: dict) -> tuple[dict, list[dict], gl.InputInfluence]:
@@ -143,6 +161,18 @@ def _profiles(influence: gl.InputInfluence) -> Figure:
     return figure
 
 
+POINT_METRICS = (
+    "epochs_run", "rmse_by_delay", "rmse_mean", "spearman_gate_influence", "long_term_units", "short_term_units",
+)  # fmt: skip
+POINT = Point(
+    run=point,
+    axes={"seed": Axis("seeds the data, the initialisation and the mini-batch order", default=0)},
+    settings=("steps", "sequences", "delays", "hidden", "epochs", "lr", "probe"),
+    metrics=POINT_METRICS,
+    figures=("spearman_gate_influence", "rmse_mean"),
+    x="hidden",
+)
+
 TIMESCALES = Experiment(
     name="timescales",
     description="a GRU trained on inputs with known delays: each unit's mean update gate vs its measured influence",
@@ -169,4 +199,5 @@ TIMESCALES = Experiment(
         },
     },
     run=run,
+    point=POINT,
 )
