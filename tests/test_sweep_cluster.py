@@ -23,6 +23,7 @@ from gatelens.cli import main
 from gatelens.experiments import long_range
 from gatelens.sweep import SweepResult, read_spec, sweep
 from gatelens.sweep.table import RESULTS, now
+from tests.sweep_specs import SLOW
 
 TINY = """\
 experiment = "long-range"
@@ -36,21 +37,6 @@ probe = 4
 [grid]
 architecture = ["gru", "elman"]
 length = [4, 8]
-"""
-# Points long enough (~1 s each on one thread) that a worker can be killed while it runs one.
-SLOW = """\
-experiment = "long-range"
-
-[settings]
-sequences = 200
-hidden = 8
-epochs = 20
-patience = 20
-
-[grid]
-architecture = ["gru", "lstm"]
-length = [20, 30]
-seed = [0, 1]
 """
 GUARD = 300.0  # seconds: a guard against a hang only, never a limit on speed
 

@@ -20,6 +20,7 @@ from gatelens.cli import main
 from gatelens.experiments import long_range
 from gatelens.sweep import SweepResult, read_spec, sweep
 from gatelens.sweep.table import RESULTS, columns, decode
+from tests.sweep_specs import SLOW
 
 TINY = """\
 experiment = "long-range"
@@ -34,21 +35,6 @@ probe = 4
 [grid]
 architecture = ["gru", "elman"]
 length = [1, 4, 8]   # the adding problem needs T ≥ 2: the points with length 1 raise
-seed = [0, 1]
-"""
-# Points long enough (~0.5 s each on one worker) that a sweep can be killed while some are still to run.
-SLOW = """\
-experiment = "long-range"
-
-[settings]
-sequences = 200
-hidden = 8
-epochs = 20
-patience = 20
-
-[grid]
-architecture = ["gru", "lstm"]
-length = [20, 30]
 seed = [0, 1]
 """
 
