@@ -341,8 +341,26 @@ def test_load_a_string_that_is_not_a_file(tmp_path) -> None:
 
 
 def test_load_a_directory(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"no such file"):
+    with pytest.raises(ValueError, match=r"is a directory, expected a file saved with torch.save"):
         gl.load(tmp_path)
+
+
+def test_load_a_missing_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no such file"):
+        gl.load(tmp_path / "missing.pt")
+
+
+def test_a_numpy_file_is_not_a_checkpoint(tmp_path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"x\.npy is a numpy file, not one saved with torch\.save"):
+        gl.load(tmp_path / "x.npy")
+
+
+def test_numpy_scalars_in_a_checkpoint_are_data(tmp_path) -> None:
+    gru = torch.nn.GRU(2, 3)
+    torch.save({"epoch": np.int64(3), "loss": np.float32(0.5), "model": gru.state_dict()}, tmp_path / "ckpt.pt")
+    x = torch.randn(4, 1, 2)
+    torch.testing.assert_close(gl.load(tmp_path / "ckpt.pt").trace(x).output, gru(x)[0].detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("source", [3, 2.5, None, torch.zeros(3)], ids=["int", "float", "None", "tensor"])

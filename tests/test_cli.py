@@ -192,6 +192,29 @@ def test_reset_and_update_flags_choose_the_gru_convention(tmp_path: Path, capsys
         assert status == 0 and f"reset='{convention[0]}', update='{convention[1]}'" in json.loads(stdout)["model"]
 
 
+def test_prefix_may_name_the_module_inside_a_checkpoint_wrapper(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = nn.ModuleDict({"rnn": nn.GRU(I, H), "head": nn.Linear(H, 1)})
+    checkpoint = tmp_path / "lightning.pt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, checkpoint)
+    x = saved_input(tmp_path)
+    for prefix in ("rnn", "model.rnn", "state_dict.model.rnn"):
+        status, stdout, _ = run(["explain", str(checkpoint), "--input", str(x), "--prefix", prefix, "--json"], capsys)
+        assert status == 0 and "lightning.pt" in json.loads(stdout)["model"]
+    assert gl.load(checkpoint, prefix="rnn").weights.keys() == gl.load(model["rnn"]).weights.keys()
+
+
+def test_half_precision_weights_are_analysed_in_float32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gru = nn.GRU(I, H).half()
+    checkpoint, x = saved_module(tmp_path, gru, "half.pt"), saved_input(tmp_path)
+    status, stdout, _ = run(["jacobians", str(checkpoint), "--input", str(x), "--out", str(tmp_path / "J.npz")], capsys)
+    assert status == 0 and "float16 weights are analysed in float32" in " ".join(stdout.split())
+    jacobian = np.load(tmp_path / "J.npz")["l0/jacobian"]
+    expected = gl.load(gru.float()).trace(torch.from_numpy(np.load(x)).float()).jacobians()
+    assert jacobian.dtype == np.float32 and np.array_equal(jacobian, expected.numpy())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit status 2, no traceback
 
@@ -215,6 +238,10 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     np.save(flat, np.zeros(5))
     x = str(saved_input(tmp_path))
     lstm = str(saved_module(tmp_path, nn.LSTM(I, H), "lstm.pt"))
+    rnn = str(saved_module(tmp_path, nn.RNN(I, H), "rnn.pt"))
+    two = saved_module(tmp_path, nn.ModuleDict({"encoder": nn.GRU(I, H), "decoder": nn.GRU(H, H)}), "two.pt")
+    npz_folder = tmp_path / "arrays.npz"
+    npz_folder.mkdir()
     return {
         "missing checkpoint": (["explain", str(tmp_path / "nope.pt")], "no such file"),
         "corrupt checkpoint": (["explain", str(corrupt)], "is not a readable PyTorch file"),
@@ -226,17 +253,23 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "missing input": (["explain", str(good), "--input", str(tmp_path / "none.npy")], "no such input file"),
         "unknown device": (["explain", str(good), "--device", "tpu7"], "unknown device 'tpu7'"),
         "absent device": (["explain", str(good), "--device", "cuda:63"], "not available on this machine"),
-        "rnn without nonlinearity": (["explain", str(saved_module(tmp_path, nn.RNN(I, H), "rnn.pt"))], "nonlinearity"),
         "gru flag on an lstm": (["explain", lstm, "--reset", "before"], "GRU only"),
         "npz name": (["jacobians", str(good), "--input", x, "--out", str(tmp_path / "J.txt")], "must name a .npz"),
         "zero steps": (["explain", str(good), "--steps", "0"], "--steps must be at least 1"),
+        "directory checkpoint": (["explain", str(tmp_path)], "is a directory, expected a file saved with torch.save"),
+        "directory input": (["explain", str(good), "--input", str(tmp_path)], "is a directory; expected a .npy"),
+        "numpy checkpoint": (["explain", x], "is a numpy file, not one saved with torch.save"),
+        "npz is a directory": (["credit", str(good), "--out", str(npz_folder)], "is a directory; name the .npz"),
+        "two modules": (["explain", str(two)], "found 2 ('encoder', 'decoder'); pass --prefix to choose one"),
+        "rnn flag name": (["explain", rnn], "pass --nonlinearity tanh or relu"),
     }  # fmt: skip
 
 
 CASES = [
     "missing checkpoint", "corrupt checkpoint", "pickled code", "no recurrent weights", "feature size", "NaN input",
-    "input rank", "missing input", "unknown device", "absent device", "rnn without nonlinearity",
-    "gru flag on an lstm", "npz name", "zero steps",
+    "input rank", "missing input", "unknown device", "absent device",
+    "gru flag on an lstm", "npz name", "zero steps", "directory checkpoint", "directory input", "numpy checkpoint",
+    "npz is a directory", "two modules", "rnn flag name",
 ]  # fmt: skip
 
 

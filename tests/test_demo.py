@@ -45,7 +45,9 @@ def trained(out: Path, name: str) -> tuple[nn.Module, nn.Linear]:
 def test_the_folder_holds_the_report_results_figures_and_models(demo: tuple[Path, str]) -> None:
     out, printed = demo
     names = {path.name for path in out.iterdir()}
-    assert {"report.html", "results.json", "gru.pt", "elman.pt"} <= names
+    assert {"report.html", "results.json", "gru.pt", "elman.pt", "inputs.npy"} <= names
+    test = adding_problem(STEPS, SEQUENCES, SEED).split(list(SPLIT))["test"]
+    np.testing.assert_array_equal(np.load(out / "inputs.npy"), test.inputs[:, :PROBE].double().numpy())
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) >= 12 and all(path.read_bytes().startswith(b"\x89PNG") for path in pngs)
     html = (out / "report.html").read_text()
@@ -96,3 +98,10 @@ def test_saved_models_are_read_by_analyze(demo: tuple[Path, str], capsys: pytest
 def test_the_demo_report_renders_in_chromium(demo: tuple[Path, str], tmp_path: Path) -> None:
     screenshot = assert_renders(demo[0] / "report.html", tmp_path / "demo.png")
     assert screenshot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_json_output_is_valid_json_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["demo", "--steps", "6", "--hidden", "2", "--epochs", "1", "--out", str(tmp_path), "--json"]
+    assert main(arguments) == 0
+    printed = json.loads(capsys.readouterr().out)  # the training bars and messages went to stderr
+    assert printed == json.loads((tmp_path / "results.json").read_text())

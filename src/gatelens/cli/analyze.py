@@ -149,6 +149,8 @@ def _npz_path(out: str) -> Path:
     path = Path(out)
     if path.suffix != ".npz":
         raise ValueError(f"--out must name a .npz file, got {out!r}")
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the .npz file to write, e.g. {path / 'arrays.npz'}")
     writable_folder(path.parent if str(path.parent) else ".")
     return path
 
@@ -162,5 +164,7 @@ def _write_npz(out: Path, arrays: dict[str, np.ndarray], arguments: argparse.Nam
     if arguments.json:
         print_json({"file": str(out), "arrays": {name: list(array.shape) for name, array in arrays.items()}})
     else:
-        console.print(f"wrote {len(arrays)} arrays to {out}: " + ", ".join(arrays))
+        names = list(arrays)
+        shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
+        console.print(f"wrote {len(names)} arrays to {out}: {shown}; numpy.load({str(out)!r}).files lists them all")
     return 0

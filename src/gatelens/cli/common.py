@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from gatelens.io import load
+from gatelens.io.pytorch import read_torch_file
 from gatelens.model import Model
 from gatelens.trace import Trace
 
@@ -43,7 +47,11 @@ def add_model_options(command: argparse.ArgumentParser) -> None:
     model.add_argument("--update", choices=("keep", "replace"), help="a GRU's update convention (default: keep)")
     model.add_argument("--batch-first", action="store_true", help="the input is (B, T, I), as for batch_first=True")
     data = command.add_argument_group("input")
-    data.add_argument("--input", help="the input sequences: a tensor in .pt or an array in .npy, (T, B, I) or (T, I)")
+    data.add_argument(
+        "--input",
+        help="the input sequences: a tensor in .pt or an array in .npy, (T, B, I) or (T, I); (B, T, I) with "
+        "--batch-first and for Keras files, which are batch first like Keras",
+    )
     data.add_argument("--steps", type=int, default=50, help="without --input: random sequences of this length (50)")
     data.add_argument("--batch", type=int, default=4, help="without --input: this many random sequences (4)")
     data.add_argument("--seed", type=int, default=0, help="seed of random inputs and probe readouts (0)")
@@ -67,11 +75,15 @@ def load_and_trace(arguments: argparse.Namespace) -> Loaded:
     """Read the model and its input as the options say, move both to the device and dtype, and trace."""
     device = _device(arguments.device)
     model = _model(arguments)
+    widened = ""
     if arguments.dtype is not None:
         model = model.to(DTYPES[arguments.dtype])
+    elif model.dtype not in DTYPES.values():  # float16 / bfloat16 weights: the analyses need float32 at least
+        widened = f"; the {str(model.dtype).removeprefix('torch.')} weights are analysed in float32"
+        model = model.to(torch.float32)
     model = model.to(device)
     x, note = _input(arguments, model)
-    return Loaded(model, model.trace(x.to(device=device, dtype=model.dtype)), note)
+    return Loaded(model, model.trace(x.to(device=device, dtype=model.dtype)), note + widened)
 
 
 def _device(name: str) -> torch.device:
@@ -91,6 +103,8 @@ def _device(name: str) -> torch.device:
 
 def _model(arguments: argparse.Namespace) -> Model:
     path = Path(arguments.checkpoint)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, expected a file saved with torch.save, an .onnx or a .keras file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     given = {option: getattr(arguments, option) for option in STATE_DICT_OPTIONS if getattr(arguments, option)}
@@ -102,8 +116,29 @@ def _model(arguments: argparse.Namespace) -> Model:
         choice: int | str | None = arguments.prefix
         if choice is not None and choice.isdigit():
             choice = int(choice)
-        return load(path, **({} if choice is None else {"node" if suffix == ".onnx" else "layer": choice}))
-    return load(path, prefix=arguments.prefix, **given)
+        with _flag_names():
+            return load(path, **({} if choice is None else {"node" if suffix == ".onnx" else "layer": choice}))
+    with _flag_names():
+        return load(path, prefix=arguments.prefix, **given)
+
+
+FLAG_NAMES = (  # the loaders' words for their options → the command line's flags
+    (re.compile(r"\b(?:prefix|node|layer)= ?"), "--prefix "),
+    (re.compile(r"nonlinearity='tanh' or 'relu'"), "--nonlinearity tanh or relu"),
+    (re.compile(r"\breset= and update="), "--reset and --update"),
+)
+
+
+@contextlib.contextmanager
+def _flag_names() -> Iterator[None]:
+    """Re-raise a loader's ValueError with the command line's flag names in place of the Python options."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        for pattern, flag in FLAG_NAMES:
+            message = pattern.sub(flag, message)
+        raise ValueError(message) from None
 
 
 def _input(arguments: argparse.Namespace, model: Model) -> tuple[torch.Tensor, str]:
@@ -121,6 +156,8 @@ def _input(arguments: argparse.Namespace, model: Model) -> tuple[torch.Tensor, s
         )
         return (x.transpose(0, 1) if model.batch_first else x), note
     path = Path(arguments.input)
+    if path.is_dir():
+        raise ValueError(f"--input {path} is a directory; expected a .npy file or a tensor saved with torch.save")
     if not path.is_file():
         raise FileNotFoundError(f"no such input file: {path}")
     x = _read_array(path)
@@ -149,11 +186,7 @@ def _read_array(path: Path) -> torch.Tensor:
         if not np.issubdtype(array.dtype, np.number):
             raise ValueError(f"{path} holds {array.dtype} values; expected numbers")
         return torch.from_numpy(np.asarray(array, dtype=np.float64))
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged or pickled file; all mean "cannot read"
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{path} is not a readable tensor file (loaded with weights_only): {first_line}") from None
+    value = read_torch_file(path)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{path} holds a {type(value).__name__}; expected one tensor, saved with torch.save(x, path)")
     if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):

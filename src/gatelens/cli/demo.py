@@ -5,8 +5,8 @@ The adding problem (T steps; inputs (value, marker); the target is the sum of th
 each half) needs memory across up to T − 1 steps. With the defaults (T = 100, 16 units, 30 epochs of Adam) the GRU
 solves it and the Elman RNN stays at the mean predictor: the analyses show why (its gradient horizon, its
 regimes, its Lyapunov exponents). The credit maps are of the task's own loss: the squared error of the linear
-head at the last step. The trained models are saved as state_dicts (``gru.pt``, ``elman.pt``), which
-``gatelens analyze`` reads.
+head at the last step. The trained models are saved as state_dicts (``gru.pt``, ``elman.pt``) beside the
+analysed inputs (``inputs.npy``), which ``gatelens analyze`` and ``explain`` read.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -34,6 +35,7 @@ MODELS = {"GRU": "gru", "Elman": "elman"}  # the name shown → build_model's ki
 SEQUENCES = 1000
 SPLIT = (0.7, 0.15, 0.15)
 PROBE = 8  # test sequences the analyses run on
+INPUTS = "inputs.npy"  # those sequences, saved for gatelens analyze / explain
 SUCCESS = 0.1  # solved: test MSE < SUCCESS × the MSE of predicting the mean training target
 
 
@@ -65,6 +67,7 @@ def run(arguments: argparse.Namespace, console: Console) -> int:
     torch.set_num_threads(1)  # small models: a second thread only adds overhead
     try:
         splits = adding_problem(arguments.steps, SEQUENCES, arguments.seed).split(list(SPLIT))
+        np.save(out / INPUTS, splits["test"].inputs[:, :PROBE].double().numpy())  # (T, PROBE, 2), what is analysed
         baseline = float(((splits["test"].targets - splits["train"].targets.mean()) ** 2).mean())
         analyses: list[Analyses] = []
         training: dict[str, dict[str, Any]] = {}
@@ -75,7 +78,7 @@ def run(arguments: argparse.Namespace, console: Console) -> int:
             )
             result = train(
                 network, splits, epochs=arguments.epochs, batch_size=32, lr=1e-2, clip=1.0, patience=5,
-                seed=arguments.seed, progress=True,
+                seed=arguments.seed, progress=console,
             )  # fmt: skip
             mse = evaluate(network, splits["test"])["loss"]
             weights = out / f"{name.lower()}.pt"  # the whole model (rnn.*, head.*): gatelens analyze reads it
@@ -129,7 +132,11 @@ def run(arguments: argparse.Namespace, console: Console) -> int:
     elapsed = time.perf_counter() - started
     figures = sum(path.suffix == ".png" for path in files)
     console.print(f"done in {elapsed:.0f} s; open {out / 'report.html'} (results.json and {figures} figures)")
-    console.print(f"the trained models are in {out}: try gatelens explain {out / 'gru.pt'}")
+    console.print(
+        f"the trained models and the analysed inputs are in {out}; analyse them again: "
+        f"gatelens explain {out / 'gru.pt'} --input {out / INPUTS} --dtype float64",
+        soft_wrap=True,
+    )
     return 0
 
 

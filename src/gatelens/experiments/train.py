@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import Progress, TextColumn
 from torch import Tensor, nn
 
@@ -212,7 +213,7 @@ def train(
     washout: int = 0,
     callbacks: Iterable[Callback] = (),
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | Console = False,
 ) -> TrainResult:
     """Fit ``model`` in place with Adam on ``data["train"]``, stopping early on ``data["validation"]``.
 
@@ -229,7 +230,7 @@ def train(
     L is the mini-batch loss. After each epoch the validation loss is computed; when it has not fallen below its
     best (the initial weights count as epoch 0) for ``patience`` epochs in a row, or is NaN or infinite, training
     stops. On return the model holds the best weights and no gradients. ``progress=True`` shows a rich progress
-    bar; otherwise nothing is printed.
+    bar (on ``progress`` itself when it is a rich Console); otherwise nothing is printed.
     """
     _check_model(model)
     mode, washout = _check_mode(mode), _count(washout, "washout", 0)
@@ -238,7 +239,8 @@ def train(
     lr = _real(lr, "lr", 0.0, strict=True)
     clip = None if clip is None else _real(clip, "clip", 0.0, strict=True)
     seed = _count(seed, "seed", 0)
-    _flag(progress, "progress")
+    if not isinstance(progress, Console):
+        _flag(progress, "progress")
     callbacks = _check_callbacks(callbacks)
     splits = _check_splits(data)
     prepared = {part: _prepare(model, dataset, mode, washout, f"data[{part!r}]") for part, dataset in splits.items()}
@@ -254,7 +256,9 @@ def train(
     best_loss = initial_loss = _validation_loss(model, validation, mode, washout)
     best_epoch, best_weights, stale, step = 0, _copy_weights(model), 0, 0
     history: list[EpochStats] = []
-    bar = Progress(*Progress.get_default_columns(), TextColumn("{task.fields[losses]}"), disable=not progress)
+    console = progress if isinstance(progress, Console) else None
+    columns = (*Progress.get_default_columns(), TextColumn("{task.fields[losses]}"))
+    bar = Progress(*columns, console=console, disable=progress is False)
     with bar:
         task = bar.add_task("training", total=epochs, losses="")
         for epoch in range(1, epochs + 1):
@@ -282,6 +286,7 @@ def train(
             else:
                 stale += 1
             if stale >= patience or not math.isfinite(validation_loss):
+                bar.update(task, total=epoch, description="stopped early")  # a full bar: nothing is left to run
                 break
     optimizer.zero_grad(set_to_none=True)
     model.load_state_dict(best_weights)

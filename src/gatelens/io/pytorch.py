@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -96,7 +97,8 @@ def from_state_dict(
     The architecture is read from the tensor names and shapes: the number of layers, directions, hidden size,
     projection, bias, and the kind (3 gates: GRU, 4: LSTM, 1: RNN). What shapes cannot tell must be passed:
     ``nonlinearity`` ('tanh' or 'relu') for an RNN, ``batch_first`` for the input layout, and ``prefix`` when the
-    dict holds several recurrent modules. A GRU is read in PyTorch's convention (reset "after", update "keep")
+    dict holds several recurrent modules (the full dotted prefix, or its end when that names one module: "rnn"
+    for "state_dict.model.rnn"). A GRU is read in PyTorch's convention (reset "after", update "keep")
     unless ``reset`` ("before" or "after") or ``update`` ("keep" or "replace") say otherwise, for weights that a
     differently written GRU stored in PyTorch's layout.
     """
@@ -117,6 +119,10 @@ def from_state_dict(
         prefix = next(iter(groups))
     else:
         prefix = prefix if prefix.endswith(".") or not prefix else prefix + "."
+        # the module's own prefix also names it inside a checkpoint's wrapper ("state_dict.model.rnn." for "rnn")
+        within = [group for group in groups if group.endswith("." + prefix)]
+        if prefix not in groups and len(within) == 1:
+            prefix = within[0]
         if prefix not in groups:
             found = ", ".join(repr(p.rstrip(".")) for p in groups) or "none"
             raise ValueError(f"no recurrent weights under prefix {prefix.rstrip('.')!r}; found {found}")
@@ -159,12 +165,26 @@ def from_state_dict(
 def load_file(path: str | Path, **options: Any) -> Model:
     """Read a state_dict (or a checkpoint dict holding one) saved with ``torch.save``; never runs pickled code."""
     path = Path(path)
+    state = read_torch_file(path)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict (a dict of tensors)")
+    options.setdefault("source", str(path))
+    return from_state_dict(state, **options)
+
+
+def read_torch_file(path: Path) -> Any:
+    """What ``torch.save`` wrote to ``path``, read with ``weights_only=True`` (tensors, containers, numbers and
+    numpy scalars; never code), or one ValueError saying why the file cannot be read."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, expected a file saved with torch.save")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix.lower() in (".npy", ".npz"):
+        raise ValueError(f"{path} is a numpy file, not one saved with torch.save")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalars()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file; all mean "cannot read this"
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
         unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         if isinstance(error, pickle.UnpicklingError) and unsupported:
             raise ValueError(
@@ -172,11 +192,21 @@ def load_file(path: str | Path, **options: Any) -> Model:
                 f"with weights_only=True and never runs code from them. Save the weights instead: "
                 f"torch.save(module.state_dict(), path)"
             ) from None
-        raise ValueError(f"{path} is not a readable PyTorch file: {first_line}") from None
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict (a dict of tensors)")
-    options.setdefault("source", str(path))
-    return from_state_dict(state, **options)
+        if isinstance(error, EOFError) or path.stat().st_size == 0:
+            raise ValueError(f"{path} is not a readable PyTorch file: it is empty or cut short") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch file: torch.load(weights_only=True) found {type(error).__name__}; "
+            f"check that it is what torch.save wrote"
+        ) from None
+
+
+def _numpy_scalars() -> list[Any]:
+    """The numpy globals a checkpoint may hold (scalars such as np.int64(3) and their dtypes): data, not code."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return [scalar, np.dtype, *{type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"}]
 
 
 def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

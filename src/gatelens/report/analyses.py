@@ -3,8 +3,9 @@
 :func:`run_analyses` traces nothing itself: it takes a :class:`~gatelens.Trace` and runs
 
     credit        the credit map of the task's loss when it is known, else of a probe loss L = ⟨w, h⟩
-                  (many-to-one: "last"; many-to-many: "all"); and, when that loss sits at one step only, the
-                  many-to-many probe's too, whose loss step × source step map shows more than one row
+                  (many-to-one: "last"; many-to-many: "all"); and, when that loss sits at fewer than half the
+                  steps (a many-to-one loss: one step, or two for a bidirectional model), the many-to-many
+                  probe's too, whose loss step × source step map has a row at every step
     per recurrence (the whole unidirectional model, or each layer and direction of a bidirectional one):
       regimes       gate regimes and unit timescales τ = 1 / (1 − c̄)
       propagation   log‖∂h_T/∂h_{T−ℓ}‖ for every lag ℓ from the last step, and the gradient horizon
@@ -75,7 +76,7 @@ class Analyses:
     trace: Trace
     loss: str  # what the credit map is of, in words
     credit: CreditMap
-    credit_by_step: CreditMap  # a loss at every step, for the loss step × source step map: credit, or the probe
+    credit_by_step: CreditMap  # for the loss step × source step map: credit, or the probe when its loss is sparse
     recurrences: list[RecurrenceAnalyses]
     explanation: Explanation
 
@@ -132,7 +133,7 @@ def run_analyses(
     else:
         credits, chosen, description = credit, credit, "the task's loss"
     loss_steps = int(chosen.out_grads.flatten(1).ne(0).any(dim=1).sum())
-    by_step = chosen if loss_steps > 1 else probes["many-to-many"]
+    by_step = chosen if 2 * loss_steps >= len(chosen.out_grads) else probes["many-to-many"]
     advance("credit map")
     parts = []
     for layer, direction in recurrence_parts(trace):

@@ -93,7 +93,7 @@ def report_figures(analyses: Sequence[Analyses]) -> list[ReportFigure]:
                 figures.unit_timescales(part.regimes),
             )
         by_step = item.credit_by_step
-        probe = "" if by_step is item.credit else " (a probe loss at every step: the task's loss has one loss step)"
+        probe = "" if by_step is item.credit else " (a probe loss at every step: the chosen loss has few loss steps)"
         add(
             "credit",
             owner,
