@@ -242,6 +242,14 @@ def test_credit_heatmap_blocks():
         figures.credit_heatmap(credit.trace)
 
 
+def test_credit_heatmap_says_when_reverse_blocks_are_in_processing_order():
+    trace = gl.load(torch.nn.GRU(2, 3, bidirectional=True).double()).trace(torch.randn(6, 2, 2, dtype=torch.float64))
+    credit = gl.credit(trace, torch.randn_like(trace.output))
+    both = figures.credit_heatmap(credit, blocks=["l0.W_hz", "l0_reverse.W_hz"])
+    forward = figures.credit_heatmap(credit, blocks=["l0.W_hz"])
+    assert "processing order" in both._suptitle.get_text() and "processing order" not in forward._suptitle.get_text()
+
+
 def test_credit_heatmap_without_any_credit():
     """A zero loss: nothing positive to colour, and no warning from LogNorm."""
     trace = _trace("gru", torch.float32, False)

@@ -114,7 +114,8 @@ def credit_heatmap(credit_map: CreditMap, *, blocks: str | Sequence[str] | None 
     """‖C(t, k)‖_F for loss step t (rows) and source step k (columns), one panel per weight block.
 
     blocks: the block names to show (``"l0.W_iz"``, …; default: every block of the model). All panels share one
-    log colour scale from the largest entry down to at most DYNAMIC_RANGE below it; zero entries are blank.
+    log colour scale from the largest entry down to at most DYNAMIC_RANGE below it; zero entries are blank. A
+    reverse direction's blocks are indexed in its own processing order, as the credit map holds them.
     """
     _require(credit_map, CreditMap, "credit_heatmap", "a CreditMap (from gl.credit)")
     chosen = _blocks(credit_map, blocks, "credit_heatmap")
@@ -153,7 +154,9 @@ def credit_heatmap(credit_map: CreditMap, *, blocks: str | Sequence[str] | None 
             ax.text(0.5, 0.5, "no credit", transform=ax.transAxes, ha="center", va="center", color="grey")
     extend = "min" if positive.size and float(positive.min()) < norm.vmin else "neither"
     figure.colorbar(image, ax=axes, label="‖C(t, k)‖_F", extend=extend, shrink=0.9)
-    figure.suptitle("Credit map: contribution of source step k to the loss at step t, per weight block")
+    reverse = any(name.split(".")[0].endswith("_reverse") for name in chosen)
+    own_order = "\n(steps of a reverse direction in its own processing order)" if reverse else ""
+    figure.suptitle(f"Credit map: contribution of source step k to the loss at step t, per weight block{own_order}")
     return figure
 
 
