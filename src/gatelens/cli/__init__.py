@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from gatelens import __version__
 from gatelens.cli import analyze, demo, experiment, sweep
 
 COMMANDS = (demo, analyze, experiment, sweep)
@@ -33,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
         description="Exact gradient flow through time in GRUs, Elman RNNs and LSTMs.",
         epilog="example: gatelens demo    (then open gatelens-demo/report.html)",
     )
+    top.add_argument("--version", action="version", version=f"gatelens {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(commands)
