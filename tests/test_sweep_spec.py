@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from gatelens import __version__
 from gatelens.cli import main
 from gatelens.experiments import long_range, timescales
 from gatelens.experiments.catalog import EXPERIMENTS
@@ -194,8 +195,52 @@ def test_folders_of_other_sweeps_or_with_rows_are_refused(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="exists but is not a sweep's results table"):
         sweep(spec, out=experiment_folder)
     (tmp_path / RESULTS).write_text("point,status\n")
-    with pytest.raises(ValueError, match="has the columns point, status; this sweep writes point, status, arch"):
+    with pytest.raises(ValueError, match=r"does not hold this sweep's columns \(missing: architecture, baseline"):
         sweep(spec, out=tmp_path, resume=True)
+
+
+def test_a_grid_written_in_another_key_order_resumes_the_same_table(tmp_path: Path) -> None:
+    grid = {"architecture": ["gru", "elman"], "length": [4, 6], "seed": [0]}
+    spec = read_spec(spec_dict(grid=grid))
+    table = ResultsTable.open(tmp_path, spec, resume=False)
+    table.start()
+    table.append(_row(spec, spec.points[0], value=0.25))
+    table.close()
+    reordered = read_spec(spec_dict(grid={key: grid[key] for key in ("seed", "length", "architecture")}))
+    assert reordered.key == spec.key and columns(reordered) != columns(spec)
+    resumed = ResultsTable.open(tmp_path, reordered, resume=True)
+    assert resumed.columns == columns(spec) and resumed.rows[0]["value"] == 0.25
+    resumed.start()
+    resumed.append(_row(reordered, reordered.points[1], value=0.5))
+    resumed.close()
+    again = ResultsTable.open(tmp_path, spec, resume=True)
+    assert [row["value"] for row in again.rows] == [0.25, 0.5]
+    assert {row["point"] for row in again.rows} == {spec.points[0].key, reordered.points[1].key}
+
+
+def test_a_folder_written_with_other_versions_is_refused(tmp_path: Path) -> None:
+    spec = read_spec(spec_dict())
+    table = ResultsTable.open(tmp_path, spec, resume=False)
+    table.start()
+    table.close()
+    state = json.loads((tmp_path / STATE).read_text())
+    state["versions"]["torch"] = "1.0.0"
+    (tmp_path / STATE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"was written with torch 1\.0\.0 \(now .*\); rows from other versions"):
+        ResultsTable.open(tmp_path, spec, resume=True)
+
+
+def test_a_worker_with_other_versions_records_an_error_row() -> None:
+    row = run_point(lambda config: {"x": 1}, {}, ("x",), {"gatelens": "9.9.9"})
+    assert row["status"] == "error" and row["metrics"] == {}
+    assert f"this worker runs gatelens {__version__} (the sweep runs 9.9.9)" in row["error"]
+    assert run_point(lambda config: {"x": 1}, {}, ("x",), {"gatelens": __version__})["status"] == "ok"
+
+
+def test_a_grid_too_large_is_refused_before_it_is_expanded() -> None:
+    huge = {"architecture": ["gru"], "length": list(range(2, 1002)), "seed": list(range(1000))}
+    with pytest.raises(ValueError, match=r"the grid has 1,000,000 points \(1 architecture × 1000 length × 1000 seed\)"):
+        read_spec(spec_dict(grid=huge))
 
 
 def test_a_complete_sweep_resumed_runs_nothing_and_starts_no_cluster(

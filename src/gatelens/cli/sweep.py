@@ -77,7 +77,7 @@ def _report(result: SweepResult, console: Console) -> None:
         columns = [key for key in keep if key in result.summary[0]]
         table = Table(title="summary (all columns in summary.csv)", title_justify="left")
         for column in columns:
-            table.add_column(column, justify="left" if column in result.spec.grid else "right")
+            table.add_column(column, justify="left" if column in result.spec.grid else "right", overflow="fold")
         for row in result.summary:
             table.add_row(*(_cell(row[column]) for column in columns))
         console.print(table)

@@ -1,7 +1,8 @@
 """Where a sweep runs: a Dask client given by the caller, a scheduler's address, or a local cluster started here.
 
 The local cluster has worker processes of one thread each (``LocalCluster(processes=True, threads_per_worker=1)``),
-no dashboard (so that several sweeps or tests never compete for its port), and Dask's logs below ERROR silenced.
+its dashboard on a free port (so that several sweeps or tests never compete for 8787), and Dask's logs below ERROR
+silenced.
 An address is checked first with one connection and Dask's handshake, bounded by a timeout: an unreachable
 scheduler, or a port where something else answers, is one ConnectionError within ``timeout`` seconds, not a hang.
 Before any point runs, every worker must report the same gatelens and torch versions as this process: another
@@ -70,7 +71,7 @@ def connect(client: Any, scheduler: str | None, workers: int | None, timeout: fl
         n_workers=count,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: None still binds 8787, which another sweep or program may hold
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster, set_as_default=False) as local:  # fmt: skip
         yield local

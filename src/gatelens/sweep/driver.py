@@ -30,7 +30,7 @@ from gatelens.experiments.folders import writable_folder
 from gatelens.sweep.cluster import check_options, connect
 from gatelens.sweep.spec import GridPoint, SweepSpec, read_spec
 from gatelens.sweep.summary import aggregate, describe, figures
-from gatelens.sweep.table import ResultsTable, encode, locked
+from gatelens.sweep.table import DECISIVE, ResultsTable, encode, locked, versions
 from gatelens.sweep.task import run_point
 
 RESULTS_ROOT = "gatelens-results"
@@ -118,9 +118,10 @@ def _run(client: Any, spec: SweepSpec, todo: list[GridPoint], table: ResultsTabl
     token = uuid.uuid4().hex[:8]
     by_key = {f"gatelens-sweep-{point.key}-{token}": point for point in todo}
     metrics = spec.point.metrics
+    expected = {name: version for name, version in versions().items() if name in DECISIVE}
     futures = client.map(
         run_point, [spec.point.run] * len(todo), [point.config for point in todo], [metrics] * len(todo),
-        key=list(by_key), retries=0,
+        [expected] * len(todo), key=list(by_key), retries=0,
     )  # fmt: skip
     total, failed = len(spec.points), sum(row["status"] != "ok" for row in table.rows)
     task = view.add_task(spec.name, total=total, completed=len(table.rows), failed=failed, running=0)

@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # imported when used: `import gatelens` stays free of the exp
 KEYS = ("experiment", "preset", "name", "settings", "grid")
 RESERVED = ("point", "status", "error", "seconds", "worker", "started", "finished", "config")  # the table's columns
 
+MAX_POINTS = 100_000  # a grid larger than this is refused: its rows would not fit one table well
+
 
 @dataclass(frozen=True)
 class GridPoint:
@@ -145,6 +147,13 @@ def read_spec(source: str | os.PathLike[str] | Mapping[str, Any] | SweepSpec) ->
         key: axis.default for key, axis in point.axes.items() if axis.default is not None
     }
     base |= settings
+    count = math.prod(len(values) for values in grid.values())
+    if count > MAX_POINTS:
+        sizes = " × ".join(f"{len(values)} {key}" for key, values in grid.items())
+        raise ValueError(
+            f"{origin}: the grid has {count:,} points ({sizes}), more than {MAX_POINTS:,}; split it into several "
+            f"sweeps (each its own folder)"
+        )
     points = []
     for combination in itertools.product(*grid.values()):
         values = dict(zip(grid, combination))

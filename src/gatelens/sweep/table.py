@@ -33,6 +33,7 @@ from gatelens.sweep.spec import RESERVED, SweepSpec
 RESULTS = "results.csv"
 STATE = "sweep.json"
 LOCK = ".sweep.lock"
+DECISIVE = ("gatelens", "torch")  # the versions that decide a point's numbers: all rows of a sweep share them
 
 
 def columns(spec: SweepSpec) -> list[str]:
@@ -69,10 +70,12 @@ class ResultsTable:
     """The results table of one sweep in one folder: :meth:`open` reads and checks what is there, :meth:`start`
     writes sweep.json and opens results.csv for appending, :meth:`append` writes one row durably."""
 
-    def __init__(self, folder: Path, spec: SweepSpec, rows: list[dict[str, Any]], fresh: bool) -> None:
+    def __init__(
+        self, folder: Path, spec: SweepSpec, rows: list[dict[str, Any]], fresh: bool, header: list[str]
+    ) -> None:
         self.folder = folder
         self.spec = spec
-        self.columns = columns(spec)
+        self.columns = header  # columns(spec), or an existing table's own order of them
         self.rows = rows  # decoded, one per point, in the order they were written
         self.done = {row["point"] for row in rows}
         self._fresh = fresh  # no sweep.json yet
@@ -97,10 +100,20 @@ class ResultsTable:
                     f"point{'' if count == 1 else 's'}; sweep {state.get('sweep')}), not of this spec (sweep "
                     f"{spec.key}); choose another output folder"
                 )
+            written = state.get("versions", {})
+            current = versions()
+            differ = [f"{name} {written.get(name)} (now {current[name]})" for name in DECISIVE
+                      if written.get(name) != current[name]]  # fmt: skip
+            if differ:
+                raise ValueError(
+                    f"{folder} was written with {', '.join(differ)}; rows from other versions would not be "
+                    f"comparable: choose another output folder"
+                )
         elif path.exists():
             raise ValueError(f"{path} exists but is not a sweep's results table (no {STATE} beside it); choose another "
                              "output folder")  # fmt: skip
-        table = cls(folder, spec, _read_rows(path, spec) if path.exists() else [], fresh=not state_path.exists())
+        header, rows = _read_rows(path, spec) if path.exists() else (columns(spec), [])
+        table = cls(folder, spec, rows, fresh=not state_path.exists(), header=header)
         if table.rows and not resume:
             missing = len(spec.points) - len(table.rows)
             raise ValueError(
@@ -209,9 +222,9 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _read_rows(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
-    """The rows of an existing table, checked against ``spec``; a torn last line and duplicate rows are dropped and
-    the file rewritten without them."""
+def _read_rows(path: Path, spec: SweepSpec) -> tuple[list[str], list[dict[str, Any]]]:
+    """The columns and rows of an existing table, checked against ``spec`` (the same columns, in any order); a
+    torn last line and duplicate rows are dropped and the file rewritten without them."""
     text = path.read_bytes().decode("utf-8", errors="replace")
     lines = text.splitlines(keepends=True)
     torn = bool(lines) and not lines[-1].endswith("\n")
@@ -221,10 +234,13 @@ def _read_rows(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
     if not lines:
         if torn:
             path.unlink()  # not even the header was complete
-        return []
+        return expected, []
     header = next(csv.reader(lines[:1]))
-    if header != expected:
-        raise ValueError(f"{path} has the columns {', '.join(header)}; this sweep writes {', '.join(expected)}")
+    if sorted(header) != sorted(expected) or len(set(header)) != len(header):
+        missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+        raise ValueError(f"{path} does not hold this sweep's columns (missing: {', '.join(missing) or 'none'}; "
+                         f"unexpected: {', '.join(extra) or 'none'})")  # fmt: skip
+    expected = header
     keys = {point.key for point in spec.points}
     rows, kept, duplicates = [], lines[:1], 0
     seen: set[str] = set()
@@ -243,7 +259,7 @@ def _read_rows(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
         kept.append(line)
     if torn or duplicates:
         _write_atomically(path, "".join(kept))
-    return rows
+    return header, rows
 
 
 def _write_atomically(path: Path, text: str) -> None:

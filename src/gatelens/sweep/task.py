@@ -25,15 +25,17 @@ _ONE_AT_A_TIME = threading.Lock()
 
 
 def run_point(function: Callable[[Mapping[str, Any]], dict[str, Any]], config: dict[str, Any],
-              metrics: tuple[str, ...]) -> dict[str, Any]:  # fmt: skip
+              metrics: tuple[str, ...], expected: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run ``function(config)`` and return {"status", "metrics", "error", "seconds", "worker", "started",
     "finished"}: status "ok" with the metrics (plain Python values), or "error" with "Type: message" of what was
-    raised (or of metrics that are not exactly ``metrics``) and no metrics. Never raises."""
+    raised (or of metrics that are not exactly ``metrics``, or of a worker whose versions differ from ``expected``,
+    e.g. one that joined the cluster after the sweep checked it) and no metrics. Never raises."""
     with _ONE_AT_A_TIME:
         started, clock = now(), time.perf_counter()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
+            check_versions(expected or {})
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.get("seed", 0))
                 values = function(copy.deepcopy(config))  # the function cannot change the configuration sent
@@ -56,6 +58,15 @@ def run_point(function: Callable[[Mapping[str, Any]], dict[str, Any]], config: d
         "started": started,
         "finished": now(),
     }
+
+
+def check_versions(expected: Mapping[str, str]) -> None:
+    """Raise if this process runs other versions of the packages in ``expected`` (its numbers would differ)."""
+    found = worker_versions()
+    differ = [f"{name} {found.get(name)} (the sweep runs {version})" for name, version in expected.items()
+              if found.get(name) != version]  # fmt: skip
+    if differ:
+        raise RuntimeError(f"this worker runs {', '.join(differ)}; install the same versions on every worker")
 
 
 def worker_versions() -> dict[str, str]:
