@@ -184,7 +184,7 @@ def test_folders_of_other_sweeps_or_with_rows_are_refused(tmp_path: Path) -> Non
     table.start()
     table.append(_row(spec, spec.points[0]))
     table.close()
-    with pytest.raises(ValueError, match="already holds 1 of the 1 points of this sweep; resume it"):
+    with pytest.raises(ValueError, match="already holds every point of this sweep; its results are there"):
         sweep(spec, out=tmp_path)
     other = spec_dict(grid={"architecture": ["lstm"], "length": [4]})
     with pytest.raises(ValueError, match=r"holds the results of another sweep \(long-range, 1 point; sweep "):
@@ -206,6 +206,8 @@ def test_a_grid_written_in_another_key_order_resumes_the_same_table(tmp_path: Pa
     table.start()
     table.append(_row(spec, spec.points[0], value=0.25))
     table.close()
+    with pytest.raises(ValueError, match=r"already holds 1 of the 4 points of this sweep; resume it .* the 3 missing"):
+        sweep(spec, out=tmp_path)
     reordered = read_spec(spec_dict(grid={key: grid[key] for key in ("seed", "length", "architecture")}))
     assert reordered.key == spec.key and columns(reordered) != columns(spec)
     resumed = ResultsTable.open(tmp_path, reordered, resume=True)

@@ -97,6 +97,9 @@ def sweep(
                 with connect(client, scheduler, workers, timeout, len(todo)) as active:
                     table.start()
                     view = _progress(console, progress)
+                    if progress and not active.scheduler_info().get("workers"):
+                        view.console.print("no Dask worker is connected to the scheduler yet: the sweep waits for "
+                                           "one (start workers with: dask worker SCHEDULER_ADDRESS)")  # fmt: skip
                     with view:
                         lost = _run(active, spec, todo, table, view)
             else:

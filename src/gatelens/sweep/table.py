@@ -116,6 +116,9 @@ class ResultsTable:
         table = cls(folder, spec, rows, fresh=not state_path.exists(), header=header)
         if table.rows and not resume:
             missing = len(spec.points) - len(table.rows)
+            if not missing:
+                raise ValueError(f"{folder} already holds every point of this sweep; its results are there, or choose "
+                                 "another output folder to run it again")  # fmt: skip
             raise ValueError(
                 f"{folder} already holds {len(table.rows)} of the {len(spec.points)} points of this sweep; resume it "
                 f"(--resume, or resume=True) to run the {missing} missing, or choose another output folder"
