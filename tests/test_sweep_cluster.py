@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from distributed import Client
 
 from gatelens.cli import main
 from gatelens.experiments import long_range
 from gatelens.sweep import SweepResult, read_spec, sweep
 from gatelens.sweep.table import RESULTS, now
-from tests.sweep_specs import SLOW
+from tests.sweep_specs import SLOW, in_process
 
 TINY = """\
 experiment = "long-range"
@@ -89,16 +88,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             if process.poll() is None:
                 process.kill()
             process.wait()
-
-
-def in_process(config: dict) -> dict:
-    """The oracle: the experiment's per-point function called here, on one thread as the runner runs it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return long_range.point(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _metrics(row: dict) -> dict:

@@ -14,13 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from gatelens.cli import main
 from gatelens.experiments import long_range
 from gatelens.sweep import SweepResult, read_spec, sweep
 from gatelens.sweep.table import RESULTS, columns, decode
-from tests.sweep_specs import SLOW
+from tests.sweep_specs import SLOW, in_process
 
 TINY = """\
 experiment = "long-range"
@@ -45,16 +44,6 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> SweepResult:
     spec = folder / "tiny.toml"
     spec.write_text(TINY, encoding="utf-8")
     return sweep(spec, out=folder / "out", workers=2)
-
-
-def in_process(config: dict) -> dict:
-    """The oracle: the experiment's per-point function called here, on one thread as the runner runs it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return long_range.point(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_every_point_has_exactly_one_row(result: SweepResult) -> None:
