@@ -294,7 +294,7 @@ class Model:
         different sizes, the final states by recurrence name."""
         first = self.layers[0][0]
         if not self._uniform():
-            return dict(zip(self.names(), finals))
+            return {name: final.squeeze(0) if unbatched else final for name, final in zip(self.names(), finals)}
         stacked = torch.stack(finals)
         if unbatched:
             stacked = stacked.squeeze(1)
@@ -317,7 +317,7 @@ def _record(
     name: str, cell: Cell, inputs: Tensor, state: Tensor, mask: Tensor | None, order: Tensor, clamp: Clamp | None
 ) -> Recurrence:
     """Run one recurrence step by step, keeping every state and the gates of every step; ``clamp`` holds (T, B, U)
-    values and masks per gate."""
+    values and masks per gate. A state that overflows (inf or NaN) is refused: see :func:`_check_states`."""
     states, caches = [state], []
     for step in range(inputs.shape[0]):
         step_clamp = None if clamp is None else {gate: (v[step], w[step]) for gate, (v, w) in clamp.items()}
@@ -327,6 +327,28 @@ def _record(
         states.append(new_state)
         caches.append(cache)
         state = new_state
-    return Recurrence(
-        name=name, cell=cell, states=torch.stack(states), cache=stack_caches(caches), mask=mask, input_index=order
+    stacked = torch.stack(states)
+    _check_states(name, stacked, order)
+    return Recurrence(name=name, cell=cell, states=stacked, cache=stack_caches(caches), mask=mask, input_index=order)
+
+
+def _check_states(name: str, states: Tensor, order: Tensor) -> None:
+    """Refuse a forward pass whose states stop being finite, naming the first such step and its sequence.
+
+    Every analysis reads the states and the gates computed from them: past an overflow its Jacobians are 0 or NaN,
+    which would read as a gradient that vanished. So a trace is only ever made of finite states.
+    """
+    finite = torch.isfinite(states).all(-1)  # (T+1, B)
+    if bool(finite.all()):
+        return
+    step, sequence = (int(i) for i in torch.nonzero(~finite)[0])
+    time = int(order[step - 1, sequence])
+    where = f"step {step}" + (f" (it reads the input at time index {time})" if time != step - 1 else "")
+    advice = "scale the weights or the inputs down" + (
+        ", or trace in float64 (model.to(torch.float64) and a float64 input)" if states.dtype != torch.float64 else ""
+    )
+    raise ValueError(
+        f"the forward pass overflowed: the state of {name} is not finite (inf or NaN) at {where} of sequence "
+        f"{sequence}, with finite weights and inputs; gatelens does not analyse a diverging network, whose "
+        f"derivatives past that step would read as vanishing; {advice}"
     )

@@ -227,7 +227,7 @@ class Trace:
         layers = list(self.recurrences.values())  # a unidirectional model: one recurrence per layer, in order
         return Recurrence(
             name="stack",
-            cell=Stack([rec.cell for rec in layers]),
+            cell=Stack([rec.cell for rec in layers], [rec.name for rec in layers]),
             states=torch.cat([rec.states for rec in layers], dim=-1),
             cache=tuple(rec.cache for rec in layers),
             mask=layers[0].mask,

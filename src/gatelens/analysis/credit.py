@@ -84,10 +84,10 @@ class CreditMap:
     @cached_property
     def by_lag(self) -> dict[str, Tensor]:
         """‖Σ_{t−k=τ} C(t, k)‖_F for every lag τ = 0..T−1: (T,) per block."""
-        sums: dict[str, Tensor] = {}
+        norms: dict[str, Tensor] = {}
         for rec, g in self.streams:
-            sums |= chain_sweep(rec, g, lag_sums=True).lag_sums
-        norms = {name: frobenius(total, dims=total.dim() - 1) for name, total in sums.items()}
+            sums = chain_sweep(rec, g, lag_sums=True).lag_sums
+            norms |= {name: frobenius(total, dims=total.dim() - 1) for name, total in sums.items()}
         return self._every_block(norms, self.out_grads.shape[:1])
 
     @cached_property
@@ -99,9 +99,23 @@ class CreditMap:
         return self._every_block(norms, self.out_grads.shape[:1] * 2)
 
     def _every_block(self, results: dict[str, Tensor], shape: tuple[int, ...]) -> dict[str, Tensor]:
-        """Every block of the model in its order; zeros for a block no loss step reaches."""
+        """Every block of the model in its order, zeros for the blocks of a recurrence no loss step reaches.
+
+        A name that matches no block of the model, or a block of a reached recurrence without a result, is a bug:
+        it raises rather than reading as zero credit.
+        """
+        unreached = {
+            name for rec, g in self.streams if not bool(g.any()) for name in rec.qualify(dict(rec.cell.weights))
+        }
+        expected = set(self.trace.model.weights)
+        unknown, missing = sorted(set(results) - expected), sorted(expected - set(results) - unreached)
+        if unknown or missing:
+            raise RuntimeError(
+                f"credit map: results for blocks {unknown} that the model does not have, and none for {missing}; "
+                f"the model's blocks are {sorted(expected)}"
+            )
         zeros = self.out_grads.new_zeros(shape)
-        return {name: results.get(name, zeros) for name in self.trace.model.weights}
+        return {name: results[name] if name in results else zeros for name in self.trace.model.weights}
 
     @cached_property
     def path_shares(self) -> dict[str, Tensor]:

@@ -2,7 +2,8 @@
 
 For each anchor index a (0-based, so t = a + 1) and every lag ℓ = 0..t, the singular values of the product
 Π_ℓ = ∂h_t/∂h_{t−ℓ} (Π_0 = I) are computed per sequence. The product is carried as a normalised matrix and an
-accumulated log-scale, Π_ℓ = exp(s_ℓ) · M_ℓ with ‖M_ℓ‖_F = 1, so it neither underflows nor overflows at any lag:
+accumulated log-scale, Π_ℓ = exp(s_ℓ) · M_ℓ with ‖M_ℓ‖_F = 1 (:mod:`gatelens.analysis.products`), so it neither
+underflows nor overflows at any lag:
 
     M_{ℓ+1} = M_ℓ J_{t−ℓ} / ‖M_ℓ J_{t−ℓ}‖_F,      s_{ℓ+1} = s_ℓ + log ‖M_ℓ J_{t−ℓ}‖_F,
     log σ_j(Π_ℓ) = s_ℓ + log σ_j(M_ℓ).
@@ -27,11 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gatelens.analysis.norms import frobenius
+from gatelens.analysis.products import LagProducts, anchor_steps, lag_limit
 from gatelens.analysis.serialize import json_list
 from gatelens.trace import Trace
-
-CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,57 +101,16 @@ def propagation(
     points = anchor_steps(anchors, steps)
     limit = steps if max_lag is None else lag_limit(max_lag, steps)
     batch, size = rec.states.shape[1:]
-    dtype, device = rec.states.dtype, rec.states.device
-    log_sv = torch.full((len(points), steps + 1, batch, size), math.nan, dtype=dtype, device=device)
+    log_sv = torch.full((len(points), steps + 1, batch, size), math.nan, dtype=rec.states.dtype, device=rec.states.device)
     log_sv[:, 0] = 0.0  # Π_0 = I
-    products = torch.eye(size, dtype=dtype, device=device).repeat(len(points), batch, 1, 1) / math.sqrt(size)
-    log_scale = torch.full((len(points), batch), 0.5 * math.log(size), dtype=dtype, device=device)
-    points_on = points.to(device)
-    lowest = max(0, int(points[0]) - limit + 1)
-    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size))
-    first = len(points)  # products[first:] belong to anchors already reached
-    for stop in range(int(points[-1]) + 1, lowest, -chunk):
-        start = max(lowest, stop - chunk)
-        jacobians = rec.jacobians(steps=slice(start, stop))
-        for step in reversed(range(start, stop)):
-            while first and int(points[first - 1]) >= step:
-                first -= 1
-            lags = points_on[first:] - step + 1
-            live = lags <= limit
-            if not bool(live.any()):
-                continue
-            product = products[first:] @ jacobians[step - start]
-            norm = frobenius(product, dims=2)
-            safe = torch.where(norm > 0, norm, 1.0)
-            products[first:] = product / safe[..., None, None]
-            log_scale[first:] += norm.log()
-            values = torch.linalg.svdvals(products[first:][live]).log() + log_scale[first:][live][..., None]
-            log_sv[first + torch.nonzero(live).flatten(), lags[live]] = values
+    products = LagProducts(rec, points, lowest=max(0, int(points[0]) - limit + 1))
+    for step in products:
+        lags = step.lags + 1  # after J_i the products are ∂h_t/∂h_i: lag a − i + 1
+        live = lags <= limit
+        if not bool(live.any()):
+            continue
+        products.advance(step)
+        log_sv[step.first + torch.nonzero(live).flatten(), lags[live]] = products.log_singular_values(step, live)
     return Propagation(recurrence=rec.name, anchors=points, log_singular_values=log_sv)
 
 
-def anchor_steps(anchors: Any, steps: int) -> Tensor:
-    """Anchors as a sorted, de-duplicated (A,) long tensor of step indices in 0..T−1."""
-    if anchors is None:
-        return torch.tensor([steps - 1])
-    expected = f"anchors must be an int or a non-empty list of ints (0-based step indices), got {anchors!r:.80}"
-    if isinstance(anchors, (bool, np.bool_, str, bytes)):
-        raise TypeError(expected)
-    try:
-        values = torch.as_tensor(anchors)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(expected) from None
-    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex() or values.numel() == 0:
-        raise TypeError(expected)
-    if values.dim() > 1:
-        raise ValueError(f"anchors must be one int or a 1-D list of ints, got shape {tuple(values.shape)}")
-    values = values.reshape(-1).long().cpu()
-    if int(values.min()) < 0 or int(values.max()) >= steps:
-        raise ValueError(f"anchors must lie in 0..{steps - 1} (0-based step indices), got {values.tolist()}")
-    return torch.unique(values)
-
-
-def lag_limit(max_lag: Any, steps: int) -> int:
-    if isinstance(max_lag, bool) or not isinstance(max_lag, (int, np.integer)) or max_lag < 1:
-        raise ValueError(f"max_lag must be a positive int, got {max_lag!r}")
-    return min(int(max_lag), steps)

@@ -48,7 +48,8 @@ class Regimes:
     """Regime of every memory unit at every step; build one with :func:`regimes`.
 
     ``codes[i, b, j]`` indexes :data:`REGIMES` (−1 on padded steps); ``carry``, ``admit`` and ``gate`` are the
-    memory gates (T, B, U); ``valid`` (T, B) marks the steps inside each sequence.
+    memory gates (T, B, U) and ``leak`` = 1 − carry (formed without cancellation); ``valid`` (T, B) marks the steps
+    inside each sequence.
     """
 
     recurrence: str
@@ -60,6 +61,7 @@ class Regimes:
     carry: Tensor
     admit: Tensor
     gate: Tensor
+    leak: Tensor
     valid: Tensor
 
     def _mean(self, values: Tensor) -> Tensor:
@@ -103,8 +105,9 @@ class Regimes:
 
     @cached_property
     def timescale(self) -> Tensor:
-        """τ = 1 / (1 − c̄) per unit, in steps (U,); inf where c̄ = 1."""
-        return 1.0 / (1.0 - self.mean_carry)
+        """τ = 1 / (1 − c̄) per unit, in steps (U,), from the mean leak 1 − c (exact even where 1 − c is below the
+        dtype's eps, as under GRU update "replace" with z → 0); inf where the leak is 0."""
+        return 1.0 / self._mean(self.leak)
 
     @cached_property
     def unit_kind(self) -> list[str]:
@@ -194,6 +197,7 @@ def regimes(
         carry=gates.carry,
         admit=gates.admit,
         gate=gates.gate,
+        leak=gates.leak,
         valid=valid,
     )
 

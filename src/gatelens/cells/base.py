@@ -60,11 +60,14 @@ class MemoryGates(NamedTuple):
            row); LSTM i (the input gate on the candidate g); Elman 1.
     gate   the unit's own gate on that route: GRU r_j, LSTM i_j, Elman 1 (equal to ``admit`` except for reset
            "before").
+    leak   1 − carry, formed from the gates without cancellation (GRU "replace": z itself, not 1 − (1 − z)), so a
+           leak below the dtype's eps survives: the timescale 1 / (1 − c̄) is computed from it.
     """
 
     carry: Tensor
     admit: Tensor
     gate: Tensor
+    leak: Tensor
 
 
 class Factor(NamedTuple):

@@ -95,7 +95,7 @@ class Elman(Cell):
     def memory_gates(self, cache: ElmanCache) -> MemoryGates:
         """No gates: nothing is carried (0), the past always enters (1)."""
         zeros = torch.zeros_like(cache.dphi)
-        return MemoryGates(carry=zeros, admit=zeros + 1, gate=zeros + 1)
+        return MemoryGates(carry=zeros, admit=zeros + 1, gate=zeros + 1, leak=zeros + 1)
 
     def jacobian_paths(self, cache: ElmanCache) -> dict[str, Tensor]:
         return {"recurrent": diag_times(cache.dphi, self.weights["W_hh"])}

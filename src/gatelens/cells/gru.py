@@ -11,6 +11,10 @@ With σ the gate activation and φ the candidate activation (tanh unless stated)
     h' = c ⊙ h + (1 − c) ⊙ n,   with the carry gate  c = z (update "keep": PyTorch, Keras, ONNX, Cho)
                                                      c = 1 − z (update "replace": Chung et al. 2014)
 
+The two shares c and 1 − c are each formed from z as the formula writes them (z and 1 − z), never as 1 − c from
+c: under update "replace" a share of z below the dtype's eps would otherwise round away (1 − (1 − z) = 0), and that
+is exactly the long-memory regime of the convention.
+
 Writing c' = ∂c/∂a_z = ±σ'(a_z) and g = (1 − c) ⊙ φ'(a_n), the Jacobian ∂h'/∂h is the sum of four paths:
 
     carry      diag(c)
@@ -139,24 +143,31 @@ class GRU(Cell):
             u = r * h
             a_n = affine(x, w["W_in"], b("b_in")) + affine(u, w["W_hn"], b("b_hn"))
         n = self._candidate.function(a_n)
-        c = self._carry(z)
-        new_h = c * h + (1 - c) * n
+        carry, renew = self._shares(z)
+        new_h = carry * h + renew * n
         cache = GRUCache(x=x, h=h, r=r, z=z, n=n, dr=dr, dz=dz, dn=self._candidate.derivative(a_n, n), u=u)
         return new_h, cache
 
     def memory_gates(self, cache: GRUCache) -> MemoryGates:
         """carry c, gate r, and admit r (reset "after") or ‖W_hn[j, :] ⊙ r‖ / ‖W_hn[j, :]‖ (reset "before")."""
+        carry, renew = self._shares(cache.z)
         if self.reset == "after":
-            return MemoryGates(carry=self._carry(cache.z), admit=cache.r, gate=cache.r)
+            return MemoryGates(carry=carry, admit=cache.r, gate=cache.r, leak=renew)
         squared = self.weights["W_hn"].square()
         row = squared.sum(-1)
         admitted = (cache.r.square() @ squared.T).sqrt()
         admit = torch.where(row > 0, admitted / row.sqrt().clamp_min(torch.finfo(row.dtype).tiny), 0.0)
-        return MemoryGates(carry=self._carry(cache.z), admit=admit, gate=cache.r)
+        return MemoryGates(carry=carry, admit=admit, gate=cache.r, leak=renew)
+
+    def _shares(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(c, 1 − c): the shares of the old state and of the candidate, (z, 1 − z) for "keep", (1 − z, z) for
+        "replace", each formed from z directly."""
+        complement = 1 - z
+        return (z, complement) if self.update == "keep" else (complement, z)
 
     def _carry(self, z: Tensor) -> Tensor:
         """c: the share of the old state kept, z ("keep") or 1 − z ("replace")."""
-        return z if self.update == "keep" else 1 - z
+        return self._shares(z)[0]
 
     def _carry_slope(self, cache: GRUCache) -> Tensor:
         """c' = ∂c/∂a_z."""
@@ -164,7 +175,7 @@ class GRU(Cell):
 
     def _candidate_gain(self, cache: GRUCache) -> Tensor:
         """g = ∂h'/∂a_n = (1 − c) ⊙ φ'(a_n)."""
-        return (1 - self._carry(cache.z)) * cache.dn
+        return self._shares(cache.z)[1] * cache.dn
 
     def _scaled_blocks(self, cache: GRUCache) -> dict[str, tuple[Tensor, str]]:
         """The update path, and for reset "after" the candidate and reset paths, as diag(scale) · W_block."""

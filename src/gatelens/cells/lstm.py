@@ -150,8 +150,8 @@ class LSTM(Cell):
         return torch.cat([new_h, new_c], dim=-1), cache
 
     def memory_gates(self, cache: LSTMCache) -> MemoryGates:
-        """Per cell unit: carry f, admit and gate i (the input gate on the candidate)."""
-        return MemoryGates(carry=cache.f, admit=cache.i, gate=cache.i)
+        """Per cell unit: carry f, admit and gate i (the input gate on the candidate), leak 1 − f."""
+        return MemoryGates(carry=cache.f, admit=cache.i, gate=cache.i, leak=1 - cache.f)
 
     def state_labels(self) -> list[str]:
         return [f"h{j}" for j in range(self.output_size)] + [f"c{j}" for j in range(self.hidden_size)]

@@ -10,6 +10,10 @@ lower-triangular:
 Every route from s_{t−1} to s_t crosses exactly one recurrent connection, in one layer m, along one of that
 layer's paths p; so the stack's paths are named ``l{m}.{p}`` and are the column block m of the formula above with
 J^m replaced by its path p. They sum to the stack's Jacobian exactly.
+
+Layer m's blocks, paths and state entries are prefixed by its name: ``l{m}`` by default, or the names the model gives
+its recurrences (``l0_reverse``, ``l1_reverse``, … for a model that reads sequences backwards), so the stack's block
+names are the model's own.
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ class Stack(Cell):
     """Unidirectional layers run as one cell; its state is the concatenation of the layers' states."""
 
     cells: tuple[Cell, ...]
+    names: tuple[str, ...]  # each layer's prefix: l0, l1, … (or the model's recurrence names)
     kind = "Stack"
 
-    def __init__(self, cells: Sequence[Cell]) -> None:
+    def __init__(self, cells: Sequence[Cell], names: Sequence[str] | None = None) -> None:
         cells = tuple(cells)
         if not cells:
             raise ValueError("Stack: needs at least one layer, got none")
+        names = tuple(f"l{index}" for index in range(len(cells))) if names is None else tuple(names)
+        if len(names) != len(cells) or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"Stack: needs one distinct name per layer ({len(cells)}), got {names!r}")
         for index, cell in enumerate(cells):
             if not isinstance(cell, Cell) or isinstance(cell, Stack):
                 raise TypeError(f"Stack: layer {index} must be a GRU, Elman or LSTM cell, got {type(cell).__name__}")
@@ -47,20 +55,21 @@ class Stack(Cell):
         if len({(c.dtype, c.device) for c in cells}) > 1:
             raise ValueError("Stack: all layers must share one dtype and device")
         object.__setattr__(self, "cells", cells)
+        object.__setattr__(self, "names", names)
         object.__setattr__(self, "input_size", cells[0].input_size)
         object.__setattr__(self, "state_size", sum(c.state_size for c in cells))
         object.__setattr__(self, "output_size", cells[-1].output_size)
 
     @property
     def weights(self) -> dict[str, Tensor]:  # type: ignore[override]
-        return {f"l{index}.{name}": w for index, cell in enumerate(self.cells) for name, w in cell.weights.items()}
+        return {f"{layer}.{name}": w for layer, cell in zip(self.names, self.cells) for name, w in cell.weights.items()}
 
     @property
     def path_names(self) -> tuple[str, ...]:
-        return tuple(f"l{index}.{p}" for index, cell in enumerate(self.cells) for p in cell.path_names)
+        return tuple(f"{layer}.{p}" for layer, cell in zip(self.names, self.cells) for p in cell.path_names)
 
     def to(self, *args: Any, **kwargs: Any) -> Stack:
-        return Stack([cell.to(*args, **kwargs) for cell in self.cells])
+        return Stack([cell.to(*args, **kwargs) for cell in self.cells], self.names)
 
     def output(self, state: Tensor) -> Tensor:
         return self.cells[-1].output(state[..., self.state_size - self.cells[-1].state_size :])
@@ -92,10 +101,10 @@ class Stack(Cell):
         return MemoryGates(*(torch.cat(parts, dim=-1) for parts in zip(*layers)))
 
     def state_labels(self) -> list[str]:
-        return [f"l{index}.{label}" for index, cell in enumerate(self.cells) for label in cell.state_labels()]
+        return [f"{layer}.{label}" for layer, cell in zip(self.names, self.cells) for label in cell.state_labels()]
 
     def unit_labels(self) -> list[str]:
-        return [f"l{index}.{label}" for index, cell in enumerate(self.cells) for label in cell.unit_labels()]
+        return [f"{layer}.{label}" for layer, cell in zip(self.names, self.cells) for label in cell.unit_labels()]
 
     def _feeds(self, cache: tuple[Any, ...]) -> list[Tensor | None]:
         """K^l = ∂s^l_t/∂s^{l−1}_t for l ≥ 1 (None for layer 0), shape (..., S_l, S_{l−1})."""
@@ -119,11 +128,11 @@ class Stack(Cell):
     def jacobian_paths(self, cache: tuple[Any, ...]) -> dict[str, Tensor]:
         feeds, slices = self._feeds(cache), self._slices()
         paths = {}
-        for index, (cell, layer_cache) in enumerate(zip(self.cells, cache)):
+        for index, (layer, cell, layer_cache) in enumerate(zip(self.names, self.cells, cache)):
             for name, block in cell.jacobian_paths(layer_cache).items():
                 out = block.new_zeros(*block.shape[:-2], self.state_size, self.state_size)
                 self._place_column(index, block, feeds, out, slices[index])
-                paths[f"l{index}.{name}"] = out
+                paths[f"{layer}.{name}"] = out
         return paths
 
     def input_jacobian(self, cache: tuple[Any, ...]) -> Tensor:
@@ -151,7 +160,7 @@ class Stack(Cell):
     def param_factors(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Factor]:
         adjoints = self._layer_adjoints(cache, v)
         return {
-            f"l{index}.{name}": factor
-            for index, (cell, layer_cache, adjoint) in enumerate(zip(self.cells, cache, adjoints))
+            f"{layer}.{name}": factor
+            for layer, cell, layer_cache, adjoint in zip(self.names, self.cells, cache, adjoints)
             for name, factor in cell.param_factors(layer_cache, adjoint).items()
         }

@@ -1,0 +1,125 @@
+"""Products of Jacobians over lags, kept as (normalised matrix, log-scale) so they never underflow or overflow.
+
+For anchors a (0-based steps, t = a + 1) a backward sweep over the steps i = a, a − 1, … builds, per sequence,
+
+    P_a(i) = J_a J_{a−1} ⋯ J_{i+1} = ∂h_{a+1}/∂h_{i+1}      (P_a(a) = I; J_i = jacobians[i] = ∂h_{i+1}/∂h_i)
+
+as P = exp(s) · M with ‖M‖_F = 1:
+
+    M ← M J_i / ‖M J_i‖_F,      s ← s + log ‖M J_i‖_F.
+
+Every analysis that forms products over lags (propagation, input influence) walks them with :class:`LagProducts`,
+so none of them multiplies raw products: a chaotic network whose ‖∂h_t/∂h_{t−ℓ}‖ reaches e^{160} (beyond float32)
+or a contracting one at e^{−160} is carried exactly to the dtype's relative precision. An exactly zero product
+has s = −inf (and M = 0). All anchors share the sweep: at step i every anchor a ≥ i takes one more Jacobian in a
+single batched product, and the Jacobians are formed ``CHUNK_ELEMENTS`` at a time, never all T at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gatelens.analysis.norms import frobenius
+from gatelens.trace import Recurrence
+
+CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
+
+
+@dataclass(frozen=True)
+class SweepStep:
+    """One step i of the sweep: the anchors reached (``first`` onwards) with their lags a − i and the Jacobians."""
+
+    index: int  # i, 0-based
+    first: int  # the anchors reached so far are anchors[first:]
+    lags: Tensor  # (A − first,) a − i for each anchor reached
+    jacobian: Tensor  # (B, S, S) J_i
+    input_jacobian: Tensor | None  # (B, S, I) ∂h_{i+1}/∂x_{i+1}, when asked for
+
+
+class LagProducts:
+    """P_a(i) for every anchor a, as ``matrix`` (A, B, S, S) with unit Frobenius norm and ``log_scale`` (A, B).
+
+    Iterate to walk i from the last anchor down to ``lowest``; at each :class:`SweepStep` the products hold
+    P_a(i) = ∂h_{a+1}/∂h_{i+1} for the anchors reached, and :meth:`advance` turns them into P_a(i − 1) by one
+    more Jacobian.
+    """
+
+    def __init__(self, rec: Recurrence, anchors: Tensor, lowest: int, *, input_jacobians: bool = False) -> None:
+        batch, size = rec.states.shape[1:]
+        dtype, device = rec.states.dtype, rec.states.device
+        self.rec, self.anchors, self.lowest, self.input_jacobians = rec, anchors, lowest, input_jacobians
+        self.matrix = torch.eye(size, dtype=dtype, device=device).repeat(len(anchors), batch, 1, 1) / math.sqrt(size)
+        self.log_scale = torch.full((len(anchors), batch), 0.5 * math.log(size), dtype=dtype, device=device)
+        widest = max(size, rec.cell.input_size) if input_jacobians else size
+        self.chunk = max(1, CHUNK_ELEMENTS // (batch * size * widest))
+
+    def __iter__(self) -> Iterator[SweepStep]:
+        anchors, anchors_on = self.anchors, self.anchors.to(self.matrix.device)
+        first = len(anchors)
+        for stop in range(int(anchors[-1]) + 1, self.lowest, -self.chunk):
+            start = max(self.lowest, stop - self.chunk)
+            jacobians = self.rec.jacobians(steps=slice(start, stop))
+            inputs = self.rec.input_jacobians(steps=slice(start, stop)) if self.input_jacobians else None
+            for step in reversed(range(start, stop)):
+                while first and int(anchors[first - 1]) >= step:
+                    first -= 1
+                yield SweepStep(
+                    index=step,
+                    first=first,
+                    lags=anchors_on[first:] - step,
+                    jacobian=jacobians[step - start],
+                    input_jacobian=None if inputs is None else inputs[step - start],
+                )
+
+    def advance(self, step: SweepStep) -> None:
+        """P_a(i − 1) = P_a(i) J_i for the anchors reached, renormalised (module docstring)."""
+        product = self.matrix[step.first :] @ step.jacobian
+        norm = frobenius(product, dims=2)
+        safe = torch.where(norm > 0, norm, 1.0)
+        self.matrix[step.first :] = product / safe[..., None, None]
+        self.log_scale[step.first :] += norm.log()
+
+    def log_row_norms(self, step: SweepStep, right: Tensor) -> Tensor:
+        """log ‖(P_a(i) · right)[j, :]‖ per anchor reached, sequence and row j: (A − first, B, S); right (B, S, C)."""
+        rows = frobenius(self.matrix[step.first :] @ right, dims=1)
+        return rows.log() + self.log_scale[step.first :, :, None]
+
+    def log_singular_values(self, step: SweepStep, reached: Tensor) -> Tensor:
+        """log σ_j(P_a(i)) for the anchors reached where ``reached`` (A − first,) holds, descending in j."""
+        current = slice(step.first, None)
+        return torch.linalg.svdvals(self.matrix[current][reached]).log() + self.log_scale[current][reached][..., None]
+
+
+def anchor_steps(anchors: Any, steps: int) -> Tensor:
+    """Anchors as a sorted, de-duplicated (A,) long tensor of step indices in 0..T−1 (default: the last step)."""
+    if anchors is None:
+        return torch.tensor([steps - 1])
+    expected = f"anchors must be an int or a non-empty list of ints (0-based step indices), got {anchors!r:.80}"
+    if isinstance(anchors, (bool, np.bool_, str, bytes)):
+        raise TypeError(expected)
+    try:
+        values = torch.as_tensor(anchors)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(expected) from None
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex() or values.numel() == 0:
+        raise TypeError(expected)
+    if values.dim() > 1:
+        raise ValueError(f"anchors must be one int or a 1-D list of ints, got shape {tuple(values.shape)}")
+    values = values.reshape(-1).long().cpu()
+    if int(values.min()) < 0 or int(values.max()) >= steps:
+        raise ValueError(f"anchors must lie in 0..{steps - 1} (0-based step indices), got {values.tolist()}")
+    return torch.unique(values)
+
+
+def lag_limit(max_lag: Any, steps: int) -> int:
+    """``max_lag`` checked (a positive int) and capped at the number of steps."""
+    if isinstance(max_lag, bool) or not isinstance(max_lag, (int, np.integer)) or max_lag < 1:
+        raise ValueError(f"max_lag must be a positive int, got {max_lag!r}")
+    return min(int(max_lag), steps)
