@@ -153,3 +153,29 @@ def test_float32_agrees_with_float64(case: CellCase) -> None:
     _, cache32 = cell32.step(x.float(), s.float())
     assert cell32.dtype == torch.float32
     assert relative_error(cell32.jacobian(cache32).double(), cell.jacobian(cache64)) <= 1e-5
+
+
+@pytest.mark.parametrize(("dtype", "bias", "tol"), [(torch.float64, -25.0, 1e-12), (torch.float32, -19.0, 1e-4)])
+def test_update_replace_keeps_z_times_n_when_z_is_below_eps(dtype: torch.dtype, bias: float, tol: float) -> None:
+    """Regression: h' = (1 − z)h + z n was formed as (1 − c)n with c = 1 − z, so z n rounded away once z < eps (the
+    long-memory regime of update "replace"): h_T and ∂L/∂W_in came out exactly 0 in float32."""
+    weights = dict(gl.GRU.random(2, 3, update="replace", seed=0, dtype=F64).weights)
+    weights |= {"W_iz": torch.zeros(3, 2, dtype=F64), "W_hz": torch.zeros(3, 3, dtype=F64)}
+    weights |= {"b_iz": torch.full((3,), bias, dtype=F64), "b_hz": torch.zeros(3, dtype=F64)}  # z = σ(bias)
+    x = torch.randn(300, 1, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    cell = gl.GRU({k: w.to(dtype) for k, w in weights.items()}, update="replace")
+    trace = gl.Model(cell).trace(x.to(dtype))
+    step = reference_step(gl.GRU(weights, update="replace"))
+    leaves = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
+    h = torch.zeros(3, dtype=F64)
+    for t in range(300):
+        h = step(leaves, x[t, 0], h)
+    (expected_grad,) = torch.autograd.grad(h.sum(), [leaves["W_in"]])
+    assert relative_error(trace.final_state[0, 0].double(), h.detach()) <= tol
+    out_grads = torch.zeros_like(trace.output)
+    out_grads[-1] = 1.0
+    got = gl.credit(trace, out_grads).total["l0.W_in"].double()
+    assert relative_error(got, expected_grad) <= tol * 10
+    z = torch.sigmoid(torch.tensor(bias, dtype=F64))
+    tau = gl.regimes(trace).timescale.double()
+    assert relative_error(tau, torch.full((3,), float(1 / z), dtype=F64)) <= tol  # τ = 1/z̄, not 1/(1 − (1 − z̄))

@@ -410,6 +410,46 @@ def test_bidirectional_directions_are_their_own_recurrences(padded: bool) -> Non
     assert_matches_oracle(cm, expected)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("cells", ["stack-gru-gru", "stack-lstm-elman-gru"])
+def test_a_reverse_stack_keeps_the_models_block_names(cells: str, padded: bool) -> None:
+    """Regression: with reverse=True and 2+ layers, total/by_source were keyed l0.* and norms/by_lag (keyed
+    l0_reverse.*) came out all zeros. Every result must carry the model's names and match the oracle."""
+    layers = ORACLE_CELLS[cells]()
+    lengths = LENGTHS if padded else [T] * B
+    x = _randn(T, B, I, seed=12)
+    trace = gl.Model(layers, reverse=True).trace(x, lengths=lengths if padded else None)
+    out_grads = _randn(*trace.output.shape, seed=13)
+    cm = gl.credit(trace, out_grads)
+    mask = _mask(lengths)
+    g = torch.where(mask[..., None], out_grads, 0.0)
+    steps = torch.arange(T)[:, None]
+    order = torch.where(mask, torch.tensor(lengths)[None, :] - 1 - steps, steps)  # step i reads L_b − 1 − i
+
+    def read(values: Tensor) -> Tensor:
+        return values.gather(0, order[..., None].expand(-1, -1, values.shape[-1]))
+
+    expected = {
+        re.sub(r"^l(\d+)\.", r"l\1_reverse.", name): c
+        for name, c in oracle_contributions([_oracle_layer(c) for c in layers], read(x), read(g), mask).items()
+    }
+    names = set(trace.model.weights)
+    assert set(expected) == names
+    assert set(cm.total) == set(cm.by_source) == set(cm.norms) == set(cm.by_lag) == names
+    assert set(gl.local_gradients(trace).norms) == names
+    assert_matches_oracle(cm, expected)
+
+
+def test_a_block_without_a_result_raises_instead_of_reading_as_zero() -> None:
+    layers = ORACLE_CELLS["stack-gru-gru"]()
+    trace = gl.Model(layers).trace(_randn(T, B, I, seed=4))
+    cm = gl.credit(trace, _randn(*trace.output.shape, seed=5))
+    with pytest.raises(RuntimeError, match=r"none for \['l1.W_hz'\]"):
+        cm._every_block({k: v for k, v in cm.by_lag.items() if k != "l1.W_hz"}, (T,))
+    with pytest.raises(RuntimeError, match="does not have"):
+        cm._every_block(cm.by_lag | {"l0.W_hz_typo": cm.by_lag["l0.W_hz"]}, (T,))
+
+
 def test_path_shares_sum_to_one_and_to_dict_is_json() -> None:
     layers = ORACLE_CELLS["stack-gru-gru"]()
     trace = gl.Model(layers).trace(_randn(T, B, I, seed=4), lengths=LENGTHS)

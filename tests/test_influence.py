@@ -78,3 +78,49 @@ def test_bad_input() -> None:
         gl.input_influence(trace, anchors=[5])
     with pytest.raises(ValueError, match="max_lag must be a positive int"):
         gl.input_influence(trace, max_lag=0)
+
+
+def test_a_chaotic_float32_network_has_a_finite_exact_log_profile() -> None:
+    """Regression: the profile multiplied raw Jacobian products, so a chaotic float32 Elman (H = 64,
+    W_hh ~ N(0, 16/H), T = 400) gave inf/NaN wherever ‖∂h_t/∂x_{t−ℓ}‖ left float32's range (about e^{±88}) while
+    propagation of the same trace stayed finite. Oracle: raw products in float64 (whose range holds e^{160}) of the
+    per-step Jacobians written from the formula."""
+    hidden, steps = 64, 400
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        "W_ih": torch.randn(hidden, 2, generator=generator, dtype=F64),
+        "W_hh": torch.randn(hidden, hidden, generator=generator, dtype=F64) * (16 / hidden) ** 0.5,
+    }
+    x = torch.randn(steps, 2, 2, generator=generator, dtype=F64)
+    cell = gl.Elman(weights)
+    narrow = gl.Model(cell.to(torch.float32)).trace(x.float())
+    wide = gl.Model(cell).trace(x)
+
+    def oracle(states: torch.Tensor) -> torch.Tensor:
+        """The mean profile from anchor T − 1 at the recorded states (a chaotic float32 trajectory parts from the
+        float64 one, so each trace is checked at its own states): h' = tanh(W_ih x + W_hh h) has
+        ∂h'/∂h = diag(1 − h'²) W_hh and ∂h'/∂x = diag(1 − h'²) W_ih."""
+        expected = torch.zeros(steps, hidden, dtype=F64)
+        for b in range(2):
+            h = states[:, b].double()
+            slope = 1 - torch.tanh(x[:, b] @ weights["W_ih"].T + h[:-1] @ weights["W_hh"].T).square()  # (T, H)
+            product = torch.eye(hidden, dtype=F64)
+            for lag in range(steps):
+                t = steps - 1 - lag
+                expected[lag] += (product @ (slope[t, :, None] * weights["W_ih"])).norm(dim=-1) / 2
+                product = product @ (slope[t, :, None] * weights["W_hh"])
+        return expected
+
+    expected = oracle(narrow.states["l0"])
+    assert float(expected.max()) > math.exp(100)  # beyond float32: e^{88.7} is its largest number
+    result = gl.input_influence(narrow)
+    assert result.log_profile.dtype == torch.float32 and bool(torch.isfinite(result.log_profile).all())
+    error = (result.log_profile.double() - expected.log()).abs()  # float32 rounding over 400 products: a row far
+    assert float(error.median()) <= 1e-4 and float(error.max()) <= 0.05  # below the product's norm keeps less
+    assert bool(torch.isfinite(result.profile).all()) and result.profile.dtype == F64
+    expected = oracle(wide.states["l0"])
+    exact = gl.input_influence(wide)
+    assert torch.allclose(exact.profile, expected, rtol=1e-8, atol=0)
+    lags = torch.arange(steps, dtype=F64)[:, None]
+    assert torch.allclose(exact.timescale, (lags * expected).sum(0) / expected.sum(0), rtol=1e-8)
+    json.dumps(result.to_dict(), allow_nan=False)

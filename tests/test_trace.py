@@ -195,3 +195,29 @@ def test_a_reverse_only_model_is_the_reverse_half_of_a_bidirectional_module(padd
         trace.recurrence(direction="forward")
     with pytest.raises(ValueError, match="reverse=True is for a unidirectional model"):
         gl.Model([bidirectional.layers[0]], reverse=True)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_forward_pass_that_overflows_is_refused_with_its_step_and_sequence(reverse: bool) -> None:
+    """Regression: a ReLU Elman with weights × 1e3 overflowed to inf/NaN and was analysed as "vanished" (J = 0,
+    horizon 1, λ = −inf). Sequence 1 overflows; sequence 0 (input 0, no bias) stays at 0."""
+    cell = gl.Elman.random(I, H, nonlinearity="relu", bias=False, seed=0, dtype=F64)
+    cell = gl.Elman({k: w * 1e3 for k, w in cell.weights.items()}, nonlinearity="relu")
+    x = torch.zeros(300, 2, I, dtype=F64)
+    x[:, 1] = torch.rand(300, I, generator=torch.Generator().manual_seed(1), dtype=F64)
+    model = gl.Model(cell, reverse=reverse)
+    with pytest.raises(ValueError, match=r"overflowed: the state of l0(_reverse)? is not finite .* at step \d+ .*of sequence 1"):
+        model.trace(x)
+    with pytest.raises(ValueError, match="overflowed"):
+        gl.lyapunov(model, x)
+    (states,) = model.trace(x[:5]).states.values()  # the first steps are fine
+    assert bool(torch.isfinite(states).all())
+
+
+def test_unbatched_final_states_of_layers_of_different_sizes_are_vectors() -> None:
+    """Regression: with layers of different sizes, an unbatched trace's final_state entries were (1, S)."""
+    layers = [gl.GRU.random(I, 3, seed=0, dtype=F64), gl.LSTM.random(3, 2, seed=1, dtype=F64)]
+    trace = gl.Model(layers).trace(torch.randn(T, I, dtype=F64))
+    assert {name: tuple(s.shape) for name, s in trace.final_state.items()} == {"l0": (3,), "l1": (4,)}
+    batched = gl.Model(layers).trace(torch.randn(T, 1, I, dtype=F64))
+    assert {name: tuple(s.shape) for name, s in batched.final_state.items()} == {"l0": (1, 3), "l1": (1, 4)}
