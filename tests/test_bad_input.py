@@ -99,6 +99,15 @@ def test_integer_tensor_input(model: gl.Model) -> None:
         model.trace(torch.zeros(T, B, I, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype,numpy_dtype", [(torch.complex128, "complex128"), (torch.bool, "bool")])
+def test_input_that_is_not_real_numbers(model: gl.Model, dtype: torch.dtype, numpy_dtype: str) -> None:
+    """One message whatever holds the values (and the command line gives it for a file of them)."""
+    with pytest.raises(TypeError, match=rf"^x must hold real numbers, got a tensor of dtype torch\.{numpy_dtype}$"):
+        model.trace(torch.zeros(T, B, I, dtype=dtype))
+    with pytest.raises(TypeError, match=rf"^x must hold real numbers, got an array of dtype {numpy_dtype}$"):
+        model.trace(np.zeros((T, B, I), dtype=numpy_dtype))
+
+
 def test_input_of_unknown_type(model: gl.Model) -> None:
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor or a numpy array, got str"):
         model.trace("not an array")

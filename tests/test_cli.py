@@ -4,6 +4,9 @@ through the framework's own module, and their one-line errors on bad input."""
 from __future__ import annotations
 
 import json
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +108,38 @@ def test_credit_total_equals_autograd_of_the_probe_loss(
             assert arrays[f"norms/{name}"].shape == (T, T) and arrays[f"by_lag/{name}"].shape == (T,)
             checked += 1
     assert checked == 2 * 4 * 4 and len([name for name in arrays.files if name.startswith("total/")]) == checked
+
+
+def test_loss_last_is_the_apis_loss_last_for_a_bidirectional_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--loss last is gl.credit(loss="last"): the probe ⟨w, h_n⟩ on the final state, each direction's output at the
+    last step it processes (forward: t = T, reverse: t = 1), checked against autograd through torch's own h_n."""
+    torch.manual_seed(0)
+    gru = nn.GRU(I, H, num_layers=2, bidirectional=True)
+    checkpoint, x = saved_module(tmp_path, gru), saved_input(tmp_path)
+    out = tmp_path / "C.npz"
+    arguments = ["credit", str(checkpoint), "--input", str(x), "--loss", "last", "--dtype", "float64"]
+    status, _, _ = run([*arguments, "--out", str(out)], capsys)
+    assert status == 0
+    arrays = np.load(out)
+    inputs = torch.from_numpy(np.load(x))
+    trace = gl.load(gru).to(torch.float64).trace(inputs)
+    w = probe_readout(T, B, 2 * H)
+    w_final = torch.cat([w[-1, :, :H], w[0, :, H:]], dim=-1)  # the readout where each direction ends
+    api = gl.credit(trace, loss="last", targets=w_final, loss_fn=lambda y, target: (y * target).sum())
+    for name, total in api.total.items():
+        np.testing.assert_allclose(arrays[f"total/{name}"], total.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+    module = gru.double()
+    module.zero_grad()
+    _, h_n = module(inputs)
+    ((h_n[-2] * w[-1, :, :H]).sum() + (h_n[-1] * w[0, :, H:]).sum()).backward()  # torch's own final state
+    stems = {"weight_ih": "W_i", "weight_hh": "W_h", "bias_ih": "b_i", "bias_hh": "b_h"}
+    for torch_name, parameter in module.named_parameters():
+        stem, layer = torch_name.rsplit("_l", 1)
+        for gate, rows in zip("rzn", parameter.grad.chunk(3, dim=0)):
+            name = f"l{layer}.{stems[stem]}{gate}"  # layer is "1" or "1_reverse": the recurrence l1, l1_reverse
+            np.testing.assert_allclose(arrays[f"total/{name}"], rows.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +277,11 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     two = saved_module(tmp_path, nn.ModuleDict({"encoder": nn.GRU(I, H), "decoder": nn.GRU(H, H)}), "two.pt")
     npz_folder = tmp_path / "arrays.npz"
     npz_folder.mkdir()
+    damaged = saved_module(tmp_path, nn.GRU(I, H), "damaged.pt")
+    damaged_record = flip_a_bit(damaged, "data/1")
+    damaged_input = tmp_path / "damaged-x.pt"
+    torch.save(torch.zeros(T, B, I), damaged_input)
+    flip_a_bit(damaged_input, "data/0")
     return {
         "missing checkpoint": (["explain", str(tmp_path / "nope.pt")], "no such file"),
         "corrupt checkpoint": (["explain", str(corrupt)], "is not a readable PyTorch file"),
@@ -262,6 +302,8 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "npz is a directory": (["credit", str(good), "--out", str(npz_folder)], "is a directory; name the .npz"),
         "two modules": (["explain", str(two)], "found 2 ('encoder', 'decoder'); pass --prefix to choose one"),
         "rnn flag name": (["explain", rnn], "pass --nonlinearity tanh or relu"),
+        "damaged checkpoint": (["explain", str(damaged)], f"record {damaged_record!r} of its zip archive does not"),
+        "damaged input": (["explain", str(good), "--input", str(damaged_input)], "damaged-x.pt is not a readable"),
     }  # fmt: skip
 
 
@@ -269,8 +311,20 @@ CASES = [
     "missing checkpoint", "corrupt checkpoint", "pickled code", "no recurrent weights", "feature size", "NaN input",
     "input rank", "missing input", "unknown device", "absent device",
     "gru flag on an lstm", "npz name", "zero steps", "directory checkpoint", "directory input", "numpy checkpoint",
-    "npz is a directory", "two modules", "rnn flag name",
+    "npz is a directory", "two modules", "rnn flag name", "damaged checkpoint", "damaged input",
 ]  # fmt: skip
+
+
+def flip_a_bit(path: Path, record: str) -> str:
+    """Flip one bit inside the data of the zip record whose name ends with ``record``, leaving the archive's
+    structure intact (torch.load would read the changed value without complaint); returns the record's name."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(info for info in archive.infolist() if info.filename.endswith(record))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + 3] ^= 0x40
+    path.write_bytes(data)
+    return info.filename
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -279,6 +333,42 @@ def test_bad_input_is_one_line(case: str, tmp_path: Path, capsys: pytest.Capture
     status, stdout, stderr = run(arguments, capsys)
     assert status == 2 and stderr.count("\n") == 1 and stderr.startswith("gatelens: error: ")
     assert message in stderr and "Traceback" not in stderr and "this must never run" not in stdout + stderr
+
+
+# What is not a real number is refused by the command line exactly as by the API (one validation path): the same
+# message, naming the file where the API names x.
+NOT_REAL = {
+    "complex npy": np.zeros((T, B, I), dtype=np.complex128),
+    "complex tensor": torch.zeros(T, B, I, dtype=torch.complex64),
+    "bool npy": np.ones((T, B, I), dtype=bool),
+    "bool tensor": torch.ones(T, B, I, dtype=torch.bool),
+    "object npy": np.full((T, B, I), 0.5, dtype=object),
+    "string npy": np.full((T, B, I), "0.5"),
+    "NaN npy": np.where(np.arange(T)[:, None, None] == 4, np.nan, np.zeros((T, B, I))),
+    "Inf tensor": torch.zeros(T, B, I).index_fill_(0, torch.tensor([2]), -torch.inf),
+}
+
+
+@pytest.mark.parametrize("case", NOT_REAL)
+def test_inputs_that_are_not_real_numbers_get_the_apis_message(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    value = NOT_REAL[case]
+    gru = nn.GRU(I, H)
+    path = tmp_path / ("x.npy" if isinstance(value, np.ndarray) else "x.pt")
+    if isinstance(value, np.ndarray):
+        np.save(path, value, allow_pickle=value.dtype == object)
+    else:
+        torch.save(value, path)
+    with pytest.raises((TypeError, ValueError)) as refused:
+        gl.load(gru).trace(value)
+    expected = str(refused.value)
+    assert expected.startswith("x ")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # NumPy's ComplexWarning on a cast that drops the imaginary part
+        status, stdout, stderr = run(["explain", str(saved_module(tmp_path, gru)), "--input", str(path)], capsys)
+    assert status == 2 and stdout == "" and not caught
+    assert stderr == f"gatelens: error: {path} {expected.removeprefix('x ')}\n"
 
 
 def test_debug_shows_the_exception(tmp_path: Path) -> None:
@@ -297,3 +387,21 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"gatelens {gl.__version__}"
+
+
+def test_a_state_dict_input_that_looks_batch_first_gets_a_one_line_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = saved_module(tmp_path, nn.GRU(I, H))
+    x = saved_input(tmp_path, steps=3, batch=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        status, _, stderr = run(["explain", str(checkpoint), "--input", str(x)], capsys)
+    assert status == 0
+    (line,) = [line for line in stderr.splitlines() if "warning" in line]
+    assert line.startswith("gatelens: warning: x of shape (3, 10, 3) is read as (T, B, I) = 3 steps of 10 sequences")
+    assert "--batch-first" in line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status, _, stderr = run(["explain", str(checkpoint), "--input", str(x), "--batch-first"], capsys)
+    assert status == 0 and "warning" not in stderr

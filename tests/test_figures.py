@@ -369,9 +369,9 @@ def test_unit_timescales_draws_sorted_tau(case):
 
 def test_unit_timescales_marks_infinite_tau():
     regimes = gl.regimes(_trace("gru", torch.float64, False), long_term=5, short_term=1.5)
-    carry = regimes.carry.clone()
-    carry[..., 2] = 1.0  # unit h2 always keeps its value: τ = ∞
-    pinned = dataclasses.replace(regimes, carry=carry)
+    carry, leak = regimes.carry.clone(), regimes.leak.clone()
+    carry[..., 2], leak[..., 2] = 1.0, 0.0  # unit h2 always keeps its value: τ = ∞
+    pinned = dataclasses.replace(regimes, carry=carry, leak=leak)
     figure = figures.unit_timescales(pinned)
     ax = figure.axes[0]
     (top,) = [line for line in ax.get_lines() if line.get_marker() == "^"]

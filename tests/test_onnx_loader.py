@@ -307,10 +307,13 @@ def test_nonzero_constant_initial_state_warns(tmp_path: Path) -> None:
 # 2. Models exported from PyTorch
 
 
-def export(module: nn.Module, x: Tensor, path: Path) -> Path:
+def export(module: nn.Module, x: Tensor, path: Path, exporter: str = "legacy", **options) -> Path:
+    """torch.onnx.export with the legacy TorchScript exporter, or the dynamo one (which needs onnxscript)."""
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript, which is not installed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-        torch.onnx.export(module, (x,), path, dynamo=False)
+        torch.onnx.export(module, (x,), path, dynamo=exporter == "dynamo", **options)
     return path
 
 
@@ -346,6 +349,287 @@ def test_exported_two_layer_gru_needs_a_node(tmp_path: Path) -> None:
     second = gl.load(path, node=1)
     assert second.source.endswith("node /GRU_1 (GRU)")
     assert_close(second.trace(expected_first).output, expected, F32_TOLERANCE)
+
+
+BATCH_FIRST_MODULES = {
+    "GRU": lambda: nn.GRU(3, 5, batch_first=True),
+    "LSTM": lambda: nn.LSTM(3, 5, batch_first=True),
+    "GRU-bidirectional": lambda: nn.GRU(3, 5, batch_first=True, bidirectional=True),
+    "LSTM-2-layers": lambda: nn.LSTM(3, 5, num_layers=2, batch_first=True),
+    "GRU-2-layers-bidirectional": lambda: nn.GRU(3, 5, num_layers=2, batch_first=True, bidirectional=True),
+}
+
+
+def attribute(node: onnx.NodeProto, name: str, default: object) -> object:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("name", BATCH_FIRST_MODULES, ids=str)
+def test_exported_batch_first_module(name: str, exporter: str, tmp_path: Path) -> None:
+    """Both exporters write Transpose(perm=[1, 0, 2]) → GRU(layout=0): the model takes the graph's (B, T, I).
+
+    Each layer is its own node; the nodes after the first read the previous one's output, so they are batch first
+    too and chain as the export does. Oracles: ONNX Runtime on the same graph and x, and the module itself.
+    """
+    torch.manual_seed(0)
+    module = BATCH_FIRST_MODULES[name]().eval()
+    x = torch.randn(4, 7, 3)  # (B, T, I) with B != T
+    path = export(module, x, tmp_path / "batch_first.onnx", exporter)
+    proto = onnx.load(path)
+    recurrent = [n for n in proto.graph.node if n.op_type in ("GRU", "LSTM")]
+    assert len(recurrent) == module.num_layers and all(attribute(n, "layout", 0) == 0 for n in recurrent)
+    (transpose,) = [n for n in proto.graph.node if recurrent[0].input[0] in n.output]  # the issue's graph
+    assert transpose.op_type == "Transpose" and attribute(transpose, "perm", None) == [1, 0, 2]
+    models = [gl.load(path, node=k) for k in range(module.num_layers)]
+    assert all(model.batch_first for model in models)
+    output = x
+    for model in models:
+        trace = model.trace(output)
+        output = trace.output
+    (expected_ort, *_) = run_ort(proto, {proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        expected, final = module(x)
+    assert output.shape == (4, 7, 5 * (2 if module.bidirectional else 1))
+    assert_close(output, torch.from_numpy(expected_ort), F32_TOLERANCE)
+    assert_close(output, expected, F32_TOLERANCE)
+    if module.num_layers == 1:
+        last = trace.final_state[0] if isinstance(final, tuple) else trace.final_state
+        assert_close(last, final[0] if isinstance(final, tuple) else final, F32_TOLERANCE)
+
+
+def test_exported_batch_first_with_dynamic_axes(tmp_path: Path) -> None:
+    """Symbolic batch and time sizes: the same model reads other (B, T) than the export's."""
+    torch.manual_seed(0)
+    module = nn.GRU(3, 5, num_layers=2, batch_first=True, bidirectional=True).eval()
+    path = export(
+        module, torch.randn(4, 7, 3), tmp_path / "dynamic.onnx", input_names=["x"], dynamic_axes={"x": {0: "B", 1: "T"}}
+    )
+    x = torch.randn(6, 9, 3)
+    output = gl.load(path, node=1).trace(gl.load(path, node=0).trace(x).output).output
+    with torch.no_grad():
+        assert_close(output, module(x)[0], F32_TOLERANCE)
+    assert_close(output, torch.from_numpy(run_ort(onnx.load(path), {"x": x.numpy()})[0]), F32_TOLERANCE)
+
+
+def test_exported_unbatched_module(tmp_path: Path) -> None:
+    """An unbatched export, input (T, I) → Unsqueeze(axes=[1]) → GRU, takes a (T, I) input."""
+    torch.manual_seed(0)
+    module = nn.GRU(3, 5).eval()
+    x = torch.randn(7, 3)
+    path = export(module, x, tmp_path / "unbatched.onnx")
+    model = gl.load(path)
+    assert not model.batch_first
+    with torch.no_grad():
+        expected, _ = module(x)
+    (expected_ort, *_) = run_ort(onnx.load(path), {onnx.load(path).graph.input[0].name: x.numpy()})
+    assert_close(model.trace(x).output, expected, F32_TOLERANCE)
+    assert_close(model.trace(x).output, torch.from_numpy(expected_ort), F32_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2b. Hand-made layout nodes between the graph input and the recurrent node
+
+
+def ints(name: str, values: list[int]) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def chained(
+    config: Config,
+    arrays: dict[str, np.ndarray],
+    x_shape: list[int | str] | None,
+    nodes: list[onnx.NodeProto],
+    constants: list[onnx.TensorProto] | None = None,
+    opset: int = OPSET,
+) -> onnx.ModelProto:
+    """make_proto's graph with ``nodes`` from the graph input "X" (of x_shape) to the recurrent node's X ("X_rnn")."""
+    proto = make_proto(config, arrays)
+    graph = proto.graph
+    graph.node[0].input[0] = "X_rnn"
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    graph.initializer.extend(constants or [])
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape))
+    del proto.opset_import[:]
+    proto.opset_import.append(helper.make_opsetid("", opset))
+    return proto
+
+
+ACCEPTED_CHAINS = {  # name: (graph input shape, layout, nodes, constants, opset, batch first)
+    "Identity-Transpose": (
+        [B, T, I], 0,
+        [helper.make_node("Identity", ["X"], ["a"]), helper.make_node("Transpose", ["a"], ["X_rnn"], perm=[1, 0, 2])],
+        [], OPSET, True,
+    ),
+    "Transpose-Transpose": (
+        [T, B, I], 0,
+        [helper.make_node("Transpose", ["X"], ["a"], perm=[1, 0, 2]),
+         helper.make_node("Transpose", ["a"], ["X_rnn"], perm=[1, 0, 2])],
+        [], OPSET, False,
+    ),
+    "Unsqueeze-Transpose-Squeeze (axes inputs)": (
+        [B, T, I], 0,
+        [helper.make_node("Unsqueeze", ["X", "zero"], ["a"]),
+         helper.make_node("Transpose", ["a"], ["b"], perm=[0, 2, 1, 3]),
+         helper.make_node("Squeeze", ["b", "zero"], ["X_rnn"])],
+        [ints("zero", [0])], OPSET, True,
+    ),
+    "Unsqueeze-Transpose-Squeeze (axes attributes, opset 11)": (
+        [B, T, I], 0,
+        [helper.make_node("Unsqueeze", ["X"], ["a"], axes=[-1]),
+         helper.make_node("Transpose", ["a"], ["b"], perm=[1, 0, 2, 3]),
+         helper.make_node("Squeeze", ["b"], ["X_rnn"], axes=[3])],
+        [], 11, True,
+    ),
+    "Transpose to layout 1": (
+        [T, B, I], 1, [helper.make_node("Transpose", ["X"], ["X_rnn"], perm=[1, 0, 2])], [], OPSET, False,
+    ),
+    "Reshape [0, 0, -1]": (
+        [B, T, I], 0,
+        [helper.make_node("Transpose", ["X"], ["a"], perm=[1, 0, 2]),
+         helper.make_node("Reshape", ["a", "s"], ["X_rnn"])],
+        [ints("s", [0, 0, -1])], OPSET, True,
+    ),
+    "Reshape [T, B, I] (sizes written out)": (
+        [B, T, I], 0,
+        [helper.make_node("Transpose", ["X"], ["a"], perm=[1, 0, 2]),
+         helper.make_node("Reshape", ["a", "s"], ["X_rnn"])],
+        [ints("s", [T, B, I])], OPSET, True,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ACCEPTED_CHAINS, ids=str)
+def test_layout_nodes_before_the_recurrent_node(name: str, tmp_path: Path) -> None:
+    """The graph's input layout, followed through the layout nodes, against the reference evaluator."""
+    x_shape, layout, nodes, constants, opset, batch_first = ACCEPTED_CHAINS[name]
+    config = Config("GRU", "bidirectional", layout=layout, linear_before_reset=1)
+    arrays = weights(config)
+    proto = chained(config, arrays, x_shape, nodes, constants, opset)
+    model = gl.load(save(proto, tmp_path))
+    assert model.batch_first == batch_first
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    y = ReferenceEvaluator(proto).run(None, {"X": x})[0]
+    expected = as_gatelens_output(y, layout)  # (T, B, D·H) or (B, T, D·H) as the node reads X
+    if (layout == 1) != batch_first:
+        expected = expected.transpose(0, 1)
+    assert_close(model.trace(torch.from_numpy(x)).output, expected, F32_TOLERANCE)
+
+
+def two_nodes(between: list[onnx.NodeProto], layout: int = 0) -> onnx.ModelProto:
+    """Graph input X (T, B, I) → GRU 'first' (layout 0) → Y → ``between`` → "X_second" → GRU 'second' (``layout``)."""
+    first, second = Config("GRU", linear_before_reset=1), Config("GRU", "bidirectional", layout=layout)
+    arrays2 = weights(second, seed=2)
+    arrays2["W"] = np.random.default_rng(3).uniform(-0.6, 0.6, (2, 3 * H, H)).astype(np.float32)  # reads H features
+    proto = make_proto(first, weights(first))
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, [T, B, I]))
+    proto.graph.node[0].name = "first"
+    node2 = helper.make_node(
+        "GRU",
+        ["X_second", "W2", "R2", "B2"],
+        ["Y2"],
+        name="second",
+        hidden_size=H,
+        direction="bidirectional",
+        layout=layout,
+    )
+    proto.graph.node.extend([*between, node2])
+    proto.graph.initializer.extend(numpy_helper.from_array(v, f"{k}2") for k, v in arrays2.items())
+    proto.graph.initializer.extend([ints("one", [1]), ints("two", [2]), ints("T_B_H", [T, B, H])])
+    proto.graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, None))
+    return proto
+
+
+BETWEEN_NODES = {  # name: (the nodes from Y to "X_second", the second node's layout)
+    "Transpose-Squeeze to layout 1": (
+        [helper.make_node("Transpose", ["Y"], ["y_t"], perm=[2, 0, 1, 3]),
+         helper.make_node("Squeeze", ["y_t", "two"], ["X_second"])],
+        1,
+    ),
+    "Transpose-Reshape with sizes (the dynamo exporter's)": (
+        [helper.make_node("Transpose", ["Y"], ["y_t"], perm=[0, 2, 1, 3]),
+         helper.make_node("Reshape", ["y_t", "T_B_H"], ["X_second"])],
+        0,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BETWEEN_NODES, ids=str)
+def test_second_node_reads_the_first_ones_output(name: str, tmp_path: Path) -> None:
+    """A node fed by another node's Y (T, 1, B, H) is read as that node reads its input, whatever its own layout."""
+    between, layout = BETWEEN_NODES[name]
+    proto = two_nodes(between, layout)
+    path = save(proto, tmp_path)
+    first, second = gl.load(path, node="first"), gl.load(path, node="second")
+    assert not first.batch_first and not second.batch_first  # the graph's input is (T, B, I)
+    x = x_for(Config("GRU"))
+    y2 = ReferenceEvaluator(proto).run(["Y2"], {"X": x})[0]
+    output = second.trace(first.trace(torch.from_numpy(x)).output).output
+    expected = as_gatelens_output(y2, layout)
+    assert_close(output, expected.transpose(0, 1) if layout == 1 else expected, F32_TOLERANCE)
+
+
+REFUSED_CHAINS = {  # name: (graph input shape, nodes, constants, message)
+    "Mul": (
+        [T, B, I], [helper.make_node("Mul", ["X", "two"], ["X_rnn"], name="scale")],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+        r"node my_gru \(GRU\): input X comes from Mul node 'scale'; expected a graph input",
+    ),
+    "Transpose-not-a-swap": (
+        [B, I, T], [helper.make_node("Transpose", ["X"], ["X_rnn"], perm=[2, 0, 1], name="rotate")], [],
+        r"graph input 'X' reaches input X through Transpose node 'rotate' as \(B, I, T\); gatelens reads",
+    ),
+    "Reshape-instead-of-Transpose": (
+        [T, B, I], [helper.make_node("Reshape", ["X", "s"], ["X_rnn"], name="view")], [ints("s", [B, T, I])],
+        r"Reshape node 'view' reshapes to \[2, 5, 3\]; expected a Reshape that keeps the leading axes",
+    ),
+    "Squeeze-of-data": (
+        [1, T, B, I], [helper.make_node("Squeeze", ["X", "zero"], ["X_rnn"], name="drop")], [ints("zero", [0])],
+        r"Squeeze node 'drop' removes axis 0, which carries axis 0 of the graph input; expected",
+    ),
+    "Squeeze-without-axes": (
+        [1, T, B, I], [helper.make_node("Squeeze", ["X"], ["X_rnn"], name="drop")], [],
+        r"Squeeze node 'drop' has no constant axes",
+    ),
+    "Unsqueeze-of-time": (
+        [B, I], [helper.make_node("Unsqueeze", ["X", "zero"], ["X_rnn"], name="one_step")], [ints("zero", [0])],
+        r"through Unsqueeze node 'one_step' as \(B, I\); gatelens reads a graph input as \(T, B, I\), \(B, T, I\)",
+    ),
+    "no-declared-shape": (
+        None, [helper.make_node("Transpose", ["X"], ["X_rnn"], perm=[1, 0, 2], name="swap")], [],
+        r"graph input 'X' declares no shape, so its axes cannot be followed through Transpose node 'swap'",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", REFUSED_CHAINS, ids=str)
+def test_refused_nodes_before_the_recurrent_node(name: str, tmp_path: Path) -> None:
+    x_shape, nodes, constants, message = REFUSED_CHAINS[name]
+    config = Config("GRU")
+    proto = chained(config, weights(config), x_shape, nodes, constants)
+    if x_shape is None:
+        proto.graph.input[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(ValueError, match=message):
+        gl.load(save(proto, tmp_path))
+
+
+def test_refused_second_node_inputs(tmp_path: Path) -> None:
+    """Y's T must reach the second node's T; Y_h is not a sequence."""
+    swapped = [
+        helper.make_node("Squeeze", ["Y", "one"], ["y_s"]),
+        helper.make_node("Transpose", ["y_s"], ["X_second"], perm=[1, 0, 2], name="swap"),
+    ]
+    proto = two_nodes(swapped)
+    with pytest.raises(
+        ValueError,
+        match=r"output Y of GRU node 'first' reaches input X through Squeeze node .* → "
+        r"Transpose node 'swap' as \(B, T, H\) of X's \(T, B, I\)",
+    ):
+        gl.load(save(proto, tmp_path), node="second")
+    proto = two_nodes([helper.make_node("Identity", ["Y_h"], ["X_second"])])
+    with pytest.raises(ValueError, match=r"input X comes from GRU node 'first''s output 'Y_h'; expected its Y"):
+        gl.load(save(proto, tmp_path), node="second")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,13 @@ per-step Jacobian must equal autograd through one step of the module (an oracle 
 
 from __future__ import annotations
 
+import warnings
+
+import re
+import struct
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -518,7 +524,7 @@ def assert_same_model(actual: gl.Model, expected: gl.Model, config: Config) -> N
     assert actual.weights.keys() == expected.weights.keys()
     for name, weight in expected.weights.items():
         assert torch.equal(actual.weights[name], weight), name
-    assert actual.batch_first == expected.batch_first
+    assert bool(actual.batch_first) == expected.batch_first  # None: a state_dict that records no layout
     x = config.x()
     a, e = actual.trace(x), expected.trace(x)
     assert_close(a.output, e.output, 0.0)
@@ -552,6 +558,48 @@ def test_saved_state_dict_file_loads_and_matches(config: Config, tmp_path) -> No
     options = state_dict_options(config)
     assert_same_model(gl.load(path, **options), gl.load(module), config)
     assert_same_model(gl.load(str(path), **options), gl.load(module), config)
+
+
+def flip_bytes(path: Path, record: str) -> str:
+    """Flip one bit inside the data of the zip record whose name ends with ``record`` (a float32 tensor's), as a
+    bad disk or a broken copy would, leaving the archive's structure intact; returns the record's full name."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(info for info in archive.infolist() if info.filename.endswith(record))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length  # the record's first data byte
+    data[start + 3] ^= 0x40  # the top exponent bit of the first float32 (little-endian): |w| < 0.5 grows past 1e30
+    path.write_bytes(data)
+    return info.filename
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused(tmp_path: Path) -> None:
+    """torch.load does not check the zip's CRC-32s: flipped bytes in a tensor's record load as changed weights.
+    gatelens checks them first and names the damaged record."""
+    torch.manual_seed(0)
+    gru = nn.GRU(I, H, num_layers=2)
+    path = tmp_path / "model.pt"
+    torch.save(gru.state_dict(), path)
+    intact = gl.load(path).weights
+    assert all(torch.equal(intact[name], weight) for name, weight in gl.load(gru).weights.items())
+    record = flip_bytes(path, "data/1")
+    damaged = torch.load(path, weights_only=True)  # the premise: torch itself reads the damaged file silently
+    changes = [float((damaged[name] - value).abs().max()) for name, value in gru.state_dict().items()]
+    assert max(changes) > 1.0 and changes.count(0.0) == len(changes) - 1
+    with pytest.raises(ValueError, match=rf"model\.pt .*record {re.escape(repr(record))}.* CRC-32") as error:
+        gl.load(path)
+    assert str(error.value).count(str(path)) == 1
+
+
+def test_a_legacy_checkpoint_without_checksums_still_loads(tmp_path: Path) -> None:
+    """torch.save(..., _use_new_zipfile_serialization=False) writes no zip and so no CRC-32: such a file is read
+    as it is (there is nothing to check it against)."""
+    torch.manual_seed(0)
+    gru = nn.GRU(I, H, bidirectional=True).double()
+    path = tmp_path / "legacy.pt"
+    torch.save(gru.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    assert_same_model(gl.load(path), gl.load(gru), Config("GRU", bidirectional=True))
 
 
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
@@ -659,3 +707,19 @@ def test_cells_report_their_sizes() -> None:
     assert (cell.input_size, cell.hidden_size, cell.output_size, cell.state_size) == (3, 6, 2, 8)
     gru = gl.load(nn.GRU(3, 5)).cells()["l0"]
     assert (gru.input_size, gru.hidden_size, gru.output_size, gru.state_size) == (3, 5, 5, 5)
+
+
+def test_a_state_dict_without_a_layout_warns_when_the_input_looks_batch_first() -> None:
+    """A state_dict records no layout: (T, B, I) is assumed, and an input whose first axis is shorter than its
+    second (what a (B, T, I) batch of long sequences looks like) gets a LayoutWarning naming batch_first=."""
+    gru = nn.GRU(I, H).double()
+    model = gl.load(gru.state_dict())
+    assert model.batch_first is None
+    with pytest.warns(gl.LayoutWarning, match=r"read as \(T, B, I\) = 4 steps of 30 sequences.*batch_first=True"):
+        model.trace(torch.randn(4, 30, I, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.trace(torch.randn(30, 4, I, dtype=torch.float64))  # looks time-major: no warning
+        gl.load(gru).trace(torch.randn(4, 30, I, dtype=torch.float64))  # the module records its layout
+        gl.load(gru.state_dict(), batch_first=False).trace(torch.randn(4, 30, I, dtype=torch.float64))
+    assert gl.load(gru.state_dict(), batch_first=True).trace(torch.randn(30, 4, I, dtype=torch.float64)).output.shape[:2] == (30, 4)

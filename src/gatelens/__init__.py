@@ -34,7 +34,7 @@ from gatelens.analysis import (
 from gatelens.cells import GRU, LSTM, Cell, Elman, Stack
 from gatelens.experiments.monitor import Monitor
 from gatelens.io import load
-from gatelens.model import Model
+from gatelens.model import LayoutWarning, Model
 from gatelens.sweep import sweep
 from gatelens.trace import Recurrence, Trace
 
@@ -47,6 +47,7 @@ __all__ = [
     "Elman",
     "Explanation",
     "InputInfluence",
+    "LayoutWarning",
     "LocalGradients",
     "Lyapunov",
     "Model",

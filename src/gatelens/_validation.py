@@ -10,30 +10,52 @@ import torch
 from torch import Tensor
 
 
-def as_float_tensor(value: Any, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+def as_float_tensor(
+    value: Any, name: str, dtype: torch.dtype, device: torch.device, *, convert: bool = False
+) -> Tensor:
     """Convert ``value`` to a floating tensor of ``dtype``.
 
-    A torch tensor must already have ``dtype`` (a silent cast would change the precision the user chose);
-    numpy arrays and nested lists are converted, since their float64 default is not a choice.
+    A torch tensor must already have ``dtype`` (a silent cast would change the precision the user chose) unless
+    ``convert`` is set, as for values read from a file (the command line computes in the model's or --dtype's
+    dtype); numpy arrays and nested lists are converted, since their float64 default is not a choice. Whatever
+    holds them, values must be real numbers (:func:`check_real`).
     """
     if isinstance(value, Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        if value.dtype != dtype:
-            raise TypeError(
-                f"{name} has dtype {value.dtype} but the model is {dtype}; convert one of them "
-                f"(model.to({value.dtype}) or {name}.to({dtype}))"
-            )
-        return value.to(device)
+        check_real(value.dtype, name)
+        if not convert:
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+            if value.dtype != dtype:
+                raise TypeError(
+                    f"{name} has dtype {value.dtype} but the model is {dtype}; convert one of them "
+                    f"(model.to({value.dtype}) or {name}.to({dtype}))"
+                )
+        return value.to(device=device, dtype=dtype)
     if isinstance(value, (np.ndarray, list, tuple)):
         try:
             array = np.asarray(value)
         except ValueError:
             raise ValueError(f"{name} must be a rectangular array; got nested lists of uneven lengths") from None
-        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-            raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype}")
+        check_real(array.dtype, name)
         return torch.as_tensor(array, dtype=dtype, device=device)
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
+
+
+TORCH_INTEGERS = {
+    getattr(torch, kind) for kind in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")
+    if hasattr(torch, kind)
+}  # fmt: skip
+
+
+def check_real(dtype: np.dtype | torch.dtype, name: str) -> None:
+    """Raise unless ``dtype`` (numpy's or torch's) holds real numbers: integers or floats, not bool, complex,
+    strings or Python objects, which no cast turns into inputs without losing or inventing something."""
+    if isinstance(dtype, torch.dtype):
+        real, holder = dtype.is_floating_point or dtype in TORCH_INTEGERS, "a tensor"
+    else:
+        real, holder = np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating), "an array"
+    if not real:
+        raise TypeError(f"{name} must hold real numbers, got {holder} of dtype {dtype}")
 
 
 def check_finite(value: Tensor, name: str) -> None:

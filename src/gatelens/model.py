@@ -8,6 +8,7 @@ dropout between layers is a training-time operation and is not applied.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,10 @@ from gatelens._validation import as_float_tensor, as_lengths, check_finite, chec
 from gatelens.cells.base import Cell, Clamp, stack_caches
 from gatelens.cells.stack import Stack
 from gatelens.trace import Recurrence, Trace, gather_time
+
+class LayoutWarning(UserWarning):
+    """The input's layout may not be the one the model reads it in."""
+
 
 InitialState = Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor] | None
 FinalState = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
@@ -54,10 +59,14 @@ class Model:
     layer and direction as in PyTorch: ``l0.W_hz``, ``l1.W_hz``, ``l0_reverse.W_hz``. With ``reverse=True`` a
     unidirectional model reads each sequence from its last step to its first, and its layers are named
     ``l0_reverse``, ``l1_reverse``, ….
+
+    ``batch_first=None`` says the layout was not recorded (a PyTorch state_dict does not hold it): inputs are read
+    as (T, B, I), and :meth:`trace` warns (:class:`LayoutWarning`) when x's first axis is shorter than its second,
+    which is what a (B, T, I) batch of long sequences looks like.
     """
 
     layers: tuple[tuple[Cell, ...], ...]
-    batch_first: bool
+    batch_first: bool | None
     source: str
     reverse: bool
 
@@ -65,7 +74,7 @@ class Model:
         self,
         layers: Cell | Sequence[Cell | Sequence[Cell]],
         *,
-        batch_first: bool = False,
+        batch_first: bool | None = False,
         source: str = "",
         reverse: bool = False,
     ) -> None:
@@ -89,7 +98,7 @@ class Model:
             raise ValueError("reverse=True is for a unidirectional model; a bidirectional one already reads both ways")
         object.__setattr__(self, "layers", normalised)
         object.__setattr__(self, "reverse", bool(reverse))
-        object.__setattr__(self, "batch_first", bool(batch_first))
+        object.__setattr__(self, "batch_first", None if batch_first is None else bool(batch_first))
         object.__setattr__(self, "source", source)
 
     def __repr__(self) -> str:
@@ -177,6 +186,14 @@ class Model:
             raise ValueError(f"x has {features} input features, expected {self.input_size}")
         if steps == 0 or batch == 0:
             raise ValueError(f"x must have at least one step and one sequence, got shape {tuple(x.shape)}")
+        if self.batch_first is None and not unbatched and steps < batch:
+            warnings.warn(
+                f"x of shape {tuple(inputs.shape)} is read as (T, B, I) = {steps} steps of {batch} sequences, since "
+                f"the model's source ({self.source or 'unknown'}) does not record the layout; if x is (B, T, I), "
+                f"load the model with batch_first=True (--batch-first on the command line)",
+                LayoutWarning,
+                stacklevel=2,
+            )
         check_finite(inputs, "x")
         mask = length = None
         if lengths is not None:

@@ -150,7 +150,10 @@ def credit(
     """The credit map of a loss on a trace; see the module docstring for what it holds.
 
     Either ``out_grads`` = ∂L/∂(output), shaped like ``trace.output`` (batch-first if the model is), or a loss:
-    ``loss="last"`` applies ``head`` to the output at each sequence's last step (its length − 1), ``loss="all"``
+    ``loss="last"`` applies ``head`` to the final state's output h_n, the many-to-one readout — each direction's
+    output at the last step it processes: time L_b − 1 (the sequence's length − 1) for a forward direction, time 0
+    for a reverse one (so for a bidirectional model [forward h at L_b − 1, reverse h at 0], not ``output[-1]``,
+    whose reverse half has read x at L_b − 1 alone; pass ``out_grads`` for such a loss) — and ``loss="all"``
     to the outputs of every step; ``loss_fn(head(outputs), targets)`` must be a scalar (default ``head``: the
     identity; default ``loss_fn``: mean squared error). ``loss_fn`` receives the predictions as (N, C) and the
     targets as (N, C), or as integer class indices (N,), the layout torch's losses expect (N = sequences for
@@ -219,13 +222,22 @@ def _output_gradients(
 
 
 def _loss_inputs(trace: Trace, outputs: Tensor, loss: str) -> Tensor:
-    """What the head reads: every output ("all"), or each sequence's output at its last step ("last")."""
+    """What the head reads: every output ("all"), or the final state's output h_n ("last"): each direction's output at
+    the last step it processes — time L_b − 1 for a forward direction, time 0 for a reverse one — side by side as in
+    the output (for a forward model, the output at each sequence's last step)."""
     if loss == "all":
         return outputs
     time_major = _time_major(trace, outputs)
     steps, batch = time_major.shape[:2]
+    sequences = torch.arange(batch, device=outputs.device)
     lengths = trace.lengths if trace.lengths is not None else torch.full((batch,), steps, device=outputs.device)
-    last = time_major[lengths - 1, torch.arange(batch, device=outputs.device)]
+    top = trace.model.layers[-1]
+    width = top[0].output_size
+    parts = []
+    for index, name in enumerate(trace.model.names()[-len(top) :]):
+        time = torch.zeros_like(lengths) if name.endswith("_reverse") else lengths - 1
+        parts.append(time_major[time, sequences, index * width : (index + 1) * width])
+    last = torch.cat(parts, dim=-1)
     return last.squeeze(0) if outputs.dim() == 2 else last
 
 

@@ -10,14 +10,17 @@
 
 Each command module has ``register(commands)``, which adds its parser and sets ``handler`` to a function
 ``(arguments, console) -> int``. A problem with the input prints one line, ``gatelens: error: …``, and exits with
-status 2; ``--debug`` shows the traceback instead.
+status 2; ``--debug`` shows the traceback instead. A warning (such as an input layout that looks swapped) prints
+one line, ``gatelens: warning: …``, on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 
@@ -46,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser().parse_args(argv)
     console = Console(stderr=bool(getattr(arguments, "json", False)))  # --json keeps stdout for the JSON alone
     try:
-        return arguments.handler(arguments, console)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line
+            return arguments.handler(arguments, console)
     except KeyboardInterrupt:
         print("gatelens: interrupted", file=sys.stderr)
         return 130
@@ -56,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"gatelens: error: {message}", file=sys.stderr)
         return 2
+
+
+def _one_line(message: Warning | str, category: type[Warning], *details: Any, **options: Any) -> None:
+    """Show a warning as one line on stderr, without the source line Python's default format adds."""
+    print(f"gatelens: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gatelens._validation import as_float_tensor, check_finite, check_real
 from gatelens.io import load
 from gatelens.io.pytorch import read_torch_file
 from gatelens.model import Model
@@ -160,7 +161,8 @@ def _input(arguments: argparse.Namespace, model: Model) -> tuple[torch.Tensor, s
         raise ValueError(f"--input {path} is a directory; expected a .npy file or a tensor saved with torch.save")
     if not path.is_file():
         raise FileNotFoundError(f"no such input file: {path}")
-    x = _read_array(path)
+    # the checks of model.trace(x), naming the file: real numbers first, finite values after the shape
+    x = as_float_tensor(_read_array(path), str(path), model.dtype, torch.device("cpu"), convert=True)
     layout = "(B, T, I)" if model.batch_first else "(T, B, I)"
     if x.dim() == 2:
         x = x.unsqueeze(0 if model.batch_first else 1)  # one sequence
@@ -171,27 +173,37 @@ def _input(arguments: argparse.Namespace, model: Model) -> tuple[torch.Tensor, s
             f"{path} has {x.shape[-1]} features per step (shape {tuple(x.shape)}), but the model takes "
             f"{model.input_size}; expected {layout} with I = {model.input_size}"
         )
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{path} contains NaN or Inf")
+    check_finite(x, str(path))
     return x, f"input {path.name}: shape {tuple(x.shape)} {layout}"
 
 
-def _read_array(path: Path) -> torch.Tensor:
-    """A floating tensor from .npy (no pickles) or a torch file holding one tensor (weights_only)."""
+def _read_array(path: Path) -> np.ndarray | torch.Tensor:
+    """The array in a .npy file (never unpickled) or the one tensor in a torch file (weights_only), as stored;
+    :func:`_input` validates and converts it as the API does."""
     if path.suffix.lower() == ".npy":
         try:
-            array = np.load(path, allow_pickle=False)
+            return np.load(path, allow_pickle=False)
         except (ValueError, OSError) as error:
-            raise ValueError(f"{path} is not a readable .npy array: {' '.join(str(error).split())}") from None
-        if not np.issubdtype(array.dtype, np.number):
-            raise ValueError(f"{path} holds {array.dtype} values; expected numbers")
-        return torch.from_numpy(np.asarray(array, dtype=np.float64))
+            reason = " ".join(str(error).split())
+        stored = _npy_dtype(path)
+        if stored is not None:
+            check_real(stored, str(path))  # an array of Python objects: refused as the API refuses one
+        raise ValueError(f"{path} is not a readable .npy array: {reason}")
     value = read_torch_file(path)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{path} holds a {type(value).__name__}; expected one tensor, saved with torch.save(x, path)")
-    if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"{path} holds a {value.dtype} tensor; expected floating point")
-    return value.double()
+    return value
+
+
+def _npy_dtype(path: Path) -> np.dtype | None:
+    """The dtype a .npy file's header declares, or None where the header cannot be read."""
+    headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with path.open("rb") as file:
+            version = np.lib.format.read_magic(file)
+            return headers[version](file)[2] if version in headers else None
+    except (ValueError, OSError, EOFError):
+        return None
 
 
 def print_json(value: Any) -> None:

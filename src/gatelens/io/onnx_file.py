@@ -2,7 +2,7 @@
 
 Each ONNX recurrent op is one layer with D directions (1, or 2 when bidirectional). Its inputs and outputs are
 
-    X (T, B, I) with layout=0, (B, T, I) with layout=1           → Model(batch_first=layout == 1)
+    X (T, B, I) with layout=0, (B, T, I) with layout=1           read from the graph's input, see below
     W (D, G·H, I)   R (D, G·H, H)   B (D, 2·G·H) = [Wb; Rb]        the G gates' rows packed in ONNX's gate order
     Y (T, D, B, H) with layout=0, (B, T, D, H) with layout=1     gatelens (as PyTorch): (T, B, D·H) or (B, T, D·H)
 
@@ -34,6 +34,27 @@ Refused with a ValueError that names the cause:
 the clip attribute, input_forget=1, peephole weights P (unless all zero), any other activation, and weights that
 are not constants of the file (an initializer or a Constant node, possibly behind Identity nodes).
 
+The model takes its input as the graph does. X is followed back to where it comes from through layout-only nodes,
+and ``Model.batch_first`` says how that source's axes reach X's T and B:
+
+    a graph input      (T, B, I) → batch_first=False, (B, T, I) → batch_first=True, unbatched (T, I) → False
+                       (both torch exporters write a batch_first module as input (B, T, I) → Transpose(perm=[1, 0, 2])
+                       → GRU(layout=0), and an unbatched one as input (T, I) → Unsqueeze(axes=[1]) → GRU)
+    another recurrent node's Y    the batch_first of that node's model, so that layers chain as in the export:
+                       ``load(f, node=k).trace(load(f, node=k − 1).trace(x).output)``; Y's T and B axes must reach
+                       X's T and B, and its (D, H) axes X's features in that order (one-direction D squeezed away)
+
+The layout-only nodes accepted on the way are Identity; Transpose (any perm: only where the axes end up matters);
+Squeeze of axes of size 1 that carry no data (an axis Unsqueeze inserted, a one-direction node's D) and Unsqueeze,
+each with constant axes; and Reshape that keeps the leading axes and merges the trailing ones into the last (shape
+[0, 0, -1], or those sizes written out as the dynamo exporter does), which turns a node's Y (T, B, D, H) into (T, B,
+D·H). Anything else on the way (an op that computes values, a Squeeze of a data axis, a Reshape that splits or mixes
+axes, a source whose axes do not reach X as above) is refused with a ValueError naming the node.
+
+``trace.output`` follows PyTorch's module layout, (B, T, D·H) for a batch-first model and (T, B, D·H) otherwise: for
+a graph exported from PyTorch that is the graph's own output after the Squeeze/Transpose/Reshape nodes the exporters
+write after the recurrent node (those nodes are not read; only the node's weights and its input layout are).
+
 Per-call data is not read from the file: sequence_lens (pass ``lengths=`` to ``Model.trace``) and initial_h /
 initial_c (pass ``h0=``; traces start from zeros otherwise, and a constant nonzero initial state gets a warning).
 """
@@ -53,6 +74,7 @@ from gatelens.cells import GRU, LSTM, Cell, Elman
 from gatelens.model import Model
 
 OPS = ("GRU", "LSTM", "RNN")
+LAYOUT_OPS = ("Identity", "Transpose", "Squeeze", "Unsqueeze", "Reshape")  # followed from X back to its source
 ONNX_DOMAINS = ("", "ai.onnx")
 INPUTS = {
     "GRU": ("X", "W", "R", "B", "sequence_lens", "initial_h"),
@@ -89,6 +111,10 @@ def from_onnx(source: str | Path | bytes | Any, *, node: int | str | None = None
     source: a path to a ``.onnx`` file, its bytes, or an ``onnx.ModelProto``; it is parsed, never executed.
     node: which recurrent node, when the graph has several: its index among the GRU/LSTM/RNN nodes (in graph
         order) or its name. A multi-layer network exported to ONNX holds one node per layer.
+
+    The model's ``batch_first`` is the layout of the graph's input as it reaches the node's X through layout-only
+    nodes (a batch_first PyTorch export: input (B, T, I) → Transpose → GRU(layout=0) gives batch_first=True), or,
+    for a node fed by another recurrent node, that node's. Other nodes before X are refused by name.
     """
     try:
         import onnx
@@ -132,7 +158,7 @@ def from_onnx(source: str | Path | bytes | Any, *, node: int | str | None = None
     layers = [tuple(cells)] if directions == 2 else [cells[0]]
     return Model(
         layers,
-        batch_first=attributes.get("layout", 0) == 1,
+        batch_first=_InputLayout(onnx, proto, constants).batch_first(rnn, where),
         reverse=attributes.get("direction", "forward") == "reverse",
         source=f"onnx:{label}:{where}",
     )
@@ -174,6 +200,17 @@ def _decoded(value: Any) -> Any:
     if isinstance(value, list):
         return [_decoded(v) for v in value]
     return value
+
+
+def _attribute(onnx: Any, node: Any, name: str, default: Any) -> Any:
+    """A node attribute's value (str for strings), or ``default``."""
+    found = [a for a in node.attribute if a.name == name]
+    return _decoded(onnx.helper.get_attribute_value(found[0])) if found else default
+
+
+def _described(node: Any) -> str:
+    """A node for messages: its op and its name (or its first output where it has no name)."""
+    return f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node (output {node.output[0]!r})"
 
 
 def _first_line(error: Exception) -> str:
@@ -237,8 +274,8 @@ class _Constants:
             return "computed", producer
         return "unknown", None  # pragma: no cover - a cycle of Identity nodes is not a valid graph
 
-    def tensor(self, name: str, role: str) -> np.ndarray:
-        """The value of the constant input ``role`` (named ``name`` in the graph), or a ValueError naming it."""
+    def value(self, name: str, role: str) -> np.ndarray | None:
+        """The value of ``name`` if it is a constant of the file, else None; ``role`` names it in messages."""
         kind, proto = self.source(name)
         try:
             if kind == "initializer":
@@ -249,6 +286,14 @@ class _Constants:
             raise
         except Exception as error:  # e.g. external data that was not found next to the file
             raise ValueError(f"{self.where}: cannot read input {role} ({name!r}): {_first_line(error)}") from None
+        return None
+
+    def tensor(self, name: str, role: str) -> np.ndarray:
+        """The value of the constant input ``role`` (named ``name`` in the graph), or a ValueError naming it."""
+        value = self.value(name, role)
+        if value is not None:
+            return value
+        kind, proto = self.source(name)
         what = {
             "input": "a graph input, supplied at run time",
             "computed": f"computed by a {proto.op_type if proto is not None else '?'} node",
@@ -265,7 +310,143 @@ class _Constants:
                 return self.onnx.numpy_helper.to_array(attribute.t)
             if attribute.name in ("value_float", "value_floats"):
                 return np.asarray(self.onnx.helper.get_attribute_value(attribute), dtype=np.float32)
-        raise ValueError(f"{self.where}: Constant node {node.name!r} holds no float tensor")
+            if attribute.name in ("value_int", "value_ints"):
+                return np.asarray(self.onnx.helper.get_attribute_value(attribute), dtype=np.int64)
+        raise ValueError(f"{self.where}: Constant node {node.name!r} holds no tensor")
+
+
+Axis = tuple[str, ...]  # the source axes an axis is made of, outermost first; () for an axis of size 1 without data
+
+
+class _InputLayout:
+    """How a recurrent node's X is read from its source, through layout-only nodes (see the module docstring)."""
+
+    def __init__(self, onnx: Any, proto: Any, constants: _Constants) -> None:
+        self.onnx, self.proto, self.constants = onnx, proto, constants
+        self.inputs = {i.name: i for i in proto.graph.input if i.name in constants.graph_inputs}
+        self._shapes: dict[str, list[int | None]] | None = None
+
+    def batch_first(self, rnn: Any, where: str) -> bool:
+        """Whether the model reads X's source batch first; a ValueError naming the node that stands in the way."""
+        chain, source = self._chain(rnn.input[0], where)
+        path = " → ".join(_described(n) for n in chain) or "no layout node"
+        if isinstance(source, str):
+            declared = self.inputs[source].type.tensor_type
+            if chain and not declared.HasField("shape"):
+                raise ValueError(
+                    f"{where}: graph input {source!r} declares no shape, so its axes cannot be followed through "
+                    f"{path} to input X; expected a declared rank"
+                )
+            rank = len(declared.shape.dim) if chain else 3
+            axes: list[Axis] = [(f"x{k}",) for k in range(rank)]
+        else:
+            axes = self._output_axes(source, chain[0].input[0] if chain else rnn.input[0], where)
+        features = tuple(atom for axis in axes for atom in axis if atom in ("D", "H"))  # (D, H) or (H,) from a Y
+        for node in chain:
+            axes = self._through(node, axes, where)
+        roles = dict(zip("BTI" if _attribute(self.onnx, rnn, "layout", 0) == 1 else "TBI", axes))
+        if not isinstance(source, str):
+            if (roles["T"], roles["B"], roles["I"]) == (("T",), ("B",), features):
+                return self.batch_first(source, f"node {source.name or '?'} ({source.op_type})")
+            raise ValueError(
+                f"{where}: output Y of {_described(source)} reaches input X through {path} as "
+                f"({', '.join('·'.join(axis) or '1' for axis in axes)}) of X's ({', '.join(roles)}); expected Y's T "
+                f"and B as X's T and B, and its {'·'.join(features)} as X's I"
+            )
+        read = "".join(next((r for r, atoms in roles.items() if f"x{k}" in atoms), "?") for k in range(rank))
+        if read in ("TBI", "BTI", "TI") and all(len(roles[r]) == 1 for r in read):
+            return read == "BTI"
+        raise ValueError(
+            f"{where}: graph input {source!r} reaches input X through {path} as ({', '.join(read)}); gatelens reads "
+            f"a graph input as (T, B, I), (B, T, I) or unbatched (T, I): expected layout nodes that at most swap T "
+            f"and B, or insert B"
+        )
+
+    def _chain(self, name: str, where: str) -> tuple[list[Any], str | Any]:
+        """The layout nodes from X's source to X, in graph order, and the source: a graph input's name or a node."""
+        chain: list[Any] = []
+        while name not in self.constants.graph_inputs:
+            producer = self.constants.producers.get(name)
+            if producer is None:
+                what = "a constant of the file" if name in self.constants.initializers else "produced by no node"
+                raise ValueError(f"{where}: {name!r}, on the way to input X, is {what}; expected a graph input")
+            if producer.domain in ONNX_DOMAINS and producer.op_type in OPS:
+                return chain[::-1], producer
+            if producer.domain not in ONNX_DOMAINS or producer.op_type not in LAYOUT_OPS or producer in chain:
+                raise ValueError(
+                    f"{where}: input X comes from {_described(producer)}; expected a graph input or another "
+                    f"recurrent node's Y, reached only through layout nodes ({', '.join(LAYOUT_OPS)})"
+                )
+            chain.append(producer)
+            name = producer.input[0]
+        return chain[::-1], name
+
+    def _output_axes(self, node: Any, name: str, where: str) -> list[Axis]:
+        """The axes of a recurrent node's Y (``name``, checked when given): T, D (() for one direction), B, H."""
+        if name and name != node.output[0]:
+            raise ValueError(f"{where}: input X comes from {_described(node)}'s output {name!r}; expected its Y")
+        d: Axis = ("D",) if _attribute(self.onnx, node, "direction", "forward") == "bidirectional" else ()
+        batch_first = _attribute(self.onnx, node, "layout", 0) == 1
+        return [("B",), ("T",), d, ("H",)] if batch_first else [("T",), d, ("B",), ("H",)]
+
+    def _through(self, node: Any, axes: list[Axis], where: str) -> list[Axis]:
+        """The axes of ``node``'s output, given those of its data input."""
+        op, rank = node.op_type, len(axes)
+        if op == "Identity":
+            return axes
+        if op == "Transpose":
+            perm = _attribute(self.onnx, node, "perm", list(range(rank))[::-1])
+            if sorted(perm) != list(range(rank)):
+                raise ValueError(f"{where}: {_described(node)} has perm={perm} for a {rank}-D input")
+            return [axes[p] for p in perm]
+        if op in ("Squeeze", "Unsqueeze"):
+            given = _attribute(self.onnx, node, "axes", None)
+            if given is None and len(node.input) > 1 and node.input[1]:
+                given = self.constants.value(node.input[1], "axes")
+            if given is None:
+                raise ValueError(f"{where}: {_described(node)} has no constant axes; expected them in the file")
+            given = np.ravel(given)
+            out_rank = rank - len(given) if op == "Squeeze" else rank + len(given)
+            chosen = sorted(int(a) % (rank if op == "Squeeze" else out_rank) for a in given)
+            if op == "Unsqueeze":
+                for a in chosen:
+                    axes = [*axes[:a], (), *axes[a:]]
+                return axes
+            carrying = [a for a in chosen if axes[a]]
+            if carrying:
+                atom = axes[carrying[0]][0]  # "x<k>" (axis k of a graph input) or T, D, B, H (of a node's Y)
+                what = f"axis {atom[1:]} of the graph input" if atom.startswith("x") else f"Y's {atom}"
+                raise ValueError(
+                    f"{where}: {_described(node)} removes axis {carrying[0]}, which carries {what}; expected it to "
+                    f"remove only axes of size 1 without data"
+                )
+            return [axis for a, axis in enumerate(axes) if a not in chosen]
+        values = self.constants.value(node.input[1], "shape") if len(node.input) > 1 else None
+        if values is None:
+            raise ValueError(f"{where}: {_described(node)} has no constant shape; expected it in the file")
+        shape = [int(n) for n in np.ravel(values)]
+        sizes = self._sizes(node.input[0]) if any(n > 0 for n in shape[:-1]) else []
+        kept = [k < rank and (n == 0 or (k < len(sizes) and n == sizes[k])) for k, n in enumerate(shape[:-1])]
+        if not shape or not all(kept) or (_attribute(self.onnx, node, "allowzero", 0) and 0 in shape):
+            raise ValueError(
+                f"{where}: {_described(node)} reshapes to {shape}; expected a Reshape that keeps the leading "
+                f"axes and merges the trailing ones into the last (shape [0, …, 0, -1])"
+            )
+        merged = tuple(atom for axis in axes[len(shape) - 1 :] for atom in axis)
+        return [*axes[: len(shape) - 1], merged]
+
+    def _sizes(self, name: str) -> list[int | None]:
+        """The static sizes of a tensor's axes by ONNX shape inference (None where not static; [] if unknown)."""
+        if self._shapes is None:
+            try:
+                graph = self.onnx.shape_inference.infer_shapes(self.proto).graph
+            except Exception:  # e.g. a model over 2 GB; Reshape shapes then need 0 for the kept axes
+                graph = self.proto.graph
+            self._shapes = {
+                info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+                for info in [*graph.input, *graph.value_info, *graph.output]
+            }
+        return self._shapes.get(name, [])
 
 
 def _directions(attributes: dict[str, Any], where: str) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,16 +91,17 @@ def from_state_dict(
     nonlinearity: str | None = None,
     reset: str | None = None,
     update: str | None = None,
-    batch_first: bool = False,
+    batch_first: bool | None = None,
     source: str = "state_dict",
 ) -> Model:
     """Build a model from a PyTorch state_dict (nested checkpoint dicts are searched too).
 
     The architecture is read from the tensor names and shapes: the number of layers, directions, hidden size,
     projection, bias, and the kind (3 gates: GRU, 4: LSTM, 1: RNN). What shapes cannot tell must be passed:
-    ``nonlinearity`` ('tanh' or 'relu') for an RNN, ``batch_first`` for the input layout, and ``prefix`` when the
-    dict holds several recurrent modules (the full dotted prefix, or its end when that names one module: "rnn"
-    for "state_dict.model.rnn"). A GRU is read in PyTorch's convention (reset "after", update "keep")
+    ``nonlinearity`` ('tanh' or 'relu') for an RNN, ``batch_first`` for the input layout (not given: inputs are
+    read as (T, B, I), with a warning when one looks like (B, T, I); see :class:`~gatelens.Model`), and ``prefix``
+    when the dict holds several recurrent modules (the full dotted prefix, or its end when that names one module:
+    "rnn" for "state_dict.model.rnn"). A GRU is read in PyTorch's convention (reset "after", update "keep")
     unless ``reset`` ("before" or "after") or ``update`` ("keep" or "replace") say otherwise, for weights that a
     differently written GRU stored in PyTorch's layout.
     """
@@ -174,13 +177,19 @@ def load_file(path: str | Path, **options: Any) -> Model:
 
 def read_torch_file(path: Path) -> Any:
     """What ``torch.save`` wrote to ``path``, read with ``weights_only=True`` (tensors, containers, numbers and
-    numpy scalars; never code), or one ValueError saying why the file cannot be read."""
+    numpy scalars; never code), or one ValueError saying why the file cannot be read.
+
+    A file in torch's zip format is first checked against the CRC-32 its archive records for every record, since
+    torch.load does not check them: bytes changed inside a tensor's record would load as changed weights. A legacy
+    file (``torch.save(..., _use_new_zipfile_serialization=False)``) records no checksum and is read as it is.
+    """
     if path.is_dir():
         raise ValueError(f"{path} is a directory, expected a file saved with torch.save")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix.lower() in (".npy", ".npz"):
         raise ValueError(f"{path} is a numpy file, not one saved with torch.save")
+    _check_archive(path)
     try:
         with torch.serialization.safe_globals(_numpy_scalars()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -198,6 +207,24 @@ def read_torch_file(path: Path) -> Any:
             f"{path} is not a readable PyTorch file: torch.load(weights_only=True) found {type(error).__name__}; "
             f"check that it is what torch.save wrote"
         ) from None
+
+
+def _check_archive(path: Path) -> None:
+    """Raise if ``path`` is a zip archive (torch's format since 1.6) with a record whose bytes do not match the
+    CRC-32 the archive holds for it, or whose structure is damaged; other files are left to torch.load."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every record, checking each against its CRC-32
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{path} is not a readable PyTorch file: its zip archive is damaged ({reason})") from None
+    if damaged is not None:
+        raise ValueError(
+            f"{path} is not a readable PyTorch file: record {damaged!r} of its zip archive does not match the "
+            f"CRC-32 recorded for it, so its bytes changed after torch.save wrote them; copy or save the file again"
+        )
 
 
 def _numpy_scalars() -> list[Any]:

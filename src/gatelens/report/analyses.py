@@ -2,10 +2,12 @@
 
 :func:`run_analyses` traces nothing itself: it takes a :class:`~gatelens.Trace` and runs
 
-    credit        the credit map of the task's loss when it is known, else of a probe loss L = ⟨w, h⟩
-                  (many-to-one: "last"; many-to-many: "all"); and, when that loss sits at fewer than half the
-                  steps (a many-to-one loss: one step, or two for a bidirectional model), the many-to-many
-                  probe's too, whose loss step × source step map has a row at every step
+    credit        the credit map of the task's loss when it is known, else of a probe loss L = ⟨w, y⟩
+                  (many-to-one, "last": the output at each sequence's last step, as ``gl.credit(loss="last")``
+                  reads it; for a bidirectional model that is [forward h_T, reverse state after reading x_T
+                  alone], not h_n; many-to-many, "all": the output at every step); and, when that loss sits at
+                  fewer than half the steps (a many-to-one loss), the many-to-many probe's too, whose loss step ×
+                  source step map has a row at every step
     per recurrence (the whole unidirectional model, or each layer and direction of a bidirectional one):
       regimes       gate regimes and unit timescales τ = 1 / (1 − c̄)
       propagation   log‖∂h_T/∂h_{T−ℓ}‖ for every lag ℓ from the last step, and the gradient horizon
