@@ -256,19 +256,21 @@ def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> lis
     later = (index[None, :] >= starts[:, None])[..., None, None]  # (E, T, 1, 1): loss or source step ≥ the event
     later_g = torch.where(later, g, 0.0)
     later_adjoint = summed_adjoints(rec, later_g)  # ā for the losses t ≥ m, one BPTT sweep for every event
+    earlier_adjoint = summed_adjoints(rec, torch.where(later, 0.0, g))  # and for the losses t < m
     at_event = later_adjoint[torch.arange(count), starts]  # (E, 1, S)
     crossing = torch.stack([rec.state_vjp(at_event[e], steps=steps[e]) for e in range(count)])
     at_event_norm = frobenius(at_event, dims=2)
     transmission = frobenius(crossing, dims=2) / at_event_norm
     underflow = (at_event_norm == 0) & (later_g.flatten(1).abs().amax(1) > 0)
-    factors = rec.param_factors(torch.cat([adjoint[None], later_adjoint]))
+    factors = rec.param_factors(torch.cat([adjoint[None], later_adjoint, earlier_adjoint]))
     parts: list[dict[str, dict[str, float]]] = [{} for _ in steps]
     for name, (delta, inputs) in factors.items():
         total = Factor(delta[0], inputs).contract(batch_dims=2)
-        split = {  # δ is linear in the adjoint: each part contracts its own adjoint, with no cancellation
-            "before": Factor(delta[0] - delta[1:], inputs).contract(batch_dims=2),
-            "across": Factor(torch.where(later, 0.0, delta[1:]), inputs).contract(batch_dims=2),
-            "after": Factor(torch.where(later, delta[1:], 0.0), inputs).contract(batch_dims=2),
+        from_later, from_earlier = delta[1 : 1 + count], delta[1 + count :]
+        split = {  # δ is linear in the adjoint: each part contracts its own adjoint, never a difference of two
+            "before": Factor(from_earlier, inputs).contract(batch_dims=2),
+            "across": Factor(torch.where(later, 0.0, from_later), inputs).contract(batch_dims=2),
+            "after": Factor(torch.where(later, from_later, 0.0), inputs).contract(batch_dims=2),
         }
         dims = total.dim()
         norms = {part: frobenius(value, dims=dims).tolist() for part, value in split.items()}
