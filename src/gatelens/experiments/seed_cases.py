@@ -1,4 +1,6 @@
-"""`seed-cases`: the seed question's three gate cases, and its blocking question, measured.
+"""`seed-cases`: a GRU's three gate cases (z = 1; z = r = 0; z = 0, r = 1), and whether a blocking step (z = r = 0)
+makes the gradient of the update gate's input weights vanish, measured. Named after the public question gatelens
+grew from (its "seed"), which asked exactly these.
 
 Gate cases. With the gate biases saturated (±``bias``), the GRU Jacobian J = ∂h_t/∂h_{t−1} tends to a limit:
 
@@ -155,7 +157,10 @@ def _figure(by_source: dict[str, Tensor], blocked: int) -> Figure:
 
 SEED_CASES = Experiment(
     name="seed-cases",
-    description="the seed's three gate cases (both reset placements, analytic vs autograd) and its blocking question",
+    description=(
+        "a GRU's three gate cases z = 1; z = r = 0; z = 0, r = 1 (both reset placements, analytic vs autograd), and "
+        "whether a blocking step makes the gradient of W_iz vanish"
+    ),
     presets={
         "quick": {"seeds": 3, "hidden": 8, "bias": 40.0, "steps": 20, "blocked_step": 11},
         "full": {"seeds": 20, "hidden": 32, "bias": 40.0, "steps": 100, "blocked_step": 51},

@@ -1,4 +1,4 @@
-"""`timescales`: does a unit's mean update gate say how long inputs influence it? The seed's first question, measured.
+"""`timescales`: does a unit's mean update gate say how long inputs influence it? Measured.
 
 A GRU (PyTorch's convention: h' = z ⊙ h + (1 − z) ⊙ n, so z is the share kept) is trained on the multi-timescale
 task: one ±1 input channel and one target per delay d_j, y_{t,j} = x_{t−d_j}. After training, on test sequences:
