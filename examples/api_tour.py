@@ -1,8 +1,8 @@
 """A tour of the Python API: load a PyTorch GRU, trace it, and show which Jacobian paths carry the gradient.
 
 Run with `python examples/api_tour.py` (after `make demo` has installed gatelens). The path share of path p at one step is ‖P_p‖_F / Σ_q ‖P_q‖_F (Frobenius norms of the
-named terms of J = ∂h_t/∂h_{t-1}), averaged over steps and sequences. The demo also answers the seed's blocking
-question with a credit map (where ∂L/∂W_iz comes from when z ≈ r ≈ 0 at one step), prints the traced GRU's
+named terms of J = ∂h_t/∂h_{t-1}), averaged over steps and sequences. The demo also answers the blocking
+question (does ∂L/∂W_iz vanish when z ≈ r ≈ 0 at one step?) with a credit map (where ∂L/∂W_iz comes from when z ≈ r ≈ 0 at one step), prints the traced GRU's
 gradient horizon (propagation), compares a GRU and an Elman RNN of the same size (local gradients, horizon, top
 Lyapunov exponent), and ends with `gl.explain`'s findings for the GRU with its update and reset gates clamped to 0
 at one step (what-if).
@@ -70,10 +70,10 @@ def main() -> None:
     if worst > 1e-10:
         raise SystemExit(f"self-check failed: the Jacobians differ from autograd by {worst:.1e}")
 
-    # The seed question's three cases, in its own convention (reset before, update keep).
+    # The three gate cases (z ≈ 1 carries; z ≈ r ≈ 0 blocks; z ≈ 0, r ≈ 1 is Elman-like), reset before, update keep.
     cell = gl.GRU.random(3, 8, reset="before", update="keep", seed=0, dtype=torch.float64)
     cases = {"z → 1": (40.0, 0.0), "z → 0, r → 0": (-40.0, -40.0), "z → 0, r → 1": (-40.0, 40.0)}
-    seed_table = Table(title="The seed's cases: ‖J‖ with saturated gate biases (reset before)")
+    seed_table = Table(title="The gate cases: ‖J‖ with saturated gate biases (reset before)")
     for column in ("case", "‖J − I‖", "‖J‖", "‖J − diag(1−n²) W_hn‖"):
         seed_table.add_column(column, justify="right")
     for case, (z_bias, r_bias) in cases.items():
@@ -120,7 +120,7 @@ def gru_versus_elman(console: Console, x: torch.Tensor) -> None:
 
 
 def blocking_credit(console: Console, steps: int = 20, blocked: int = 10) -> None:
-    """The seed's question: a step with z ≈ r ≈ 0 on every unit; where does ∂L/∂W_iz still come from?"""
+    """The blocking question: a step with z ≈ r ≈ 0 on every unit; where does ∂L/∂W_iz still come from?"""
     cell = gl.GRU.random(4, 8, seed=1, dtype=torch.float64)
     weights = {name: w.clone() for name, w in cell.weights.items()}
     weights["W_iz"][:, 0] = weights["W_ir"][:, 0] = -60.0  # input feature 0 drives z and r to 0 …

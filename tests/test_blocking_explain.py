@@ -5,13 +5,15 @@
   each contribution C(t, k) of source step k to loss step t on its own; the loss is restricted to the event's
   sequence. Clamped gates (what_if) are constants of the oracle's step.
 * The transmission ‖ā_m J_m‖ / ‖ā_m‖ against the adjoint of the later losses that autograd gives.
-* The seed's claim (z = r = 0 at one step), detection (row norms counted from trace.jacobians()), bad input.
+* The blocking gate case (z ≈ r ≈ 0 at one step: that step's Jacobian rows vanish), detection (row norms counted
+  from trace.jacobians()), bad input.
 * explain(): every finding's number against the analysis it rests on, computed here without gatelens where cheap
   (gates, Jacobian products, autograd local gradients).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import statistics
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 
 import gatelens as gl
 from gatelens.analysis import Finding
+from tests.test_local_lyapunov import OFF, _nonnegative_inputs, _relu_with_units_off
 
 F64 = torch.float64
 T, B, I, H = 8, 2, 3, 3
@@ -339,7 +342,7 @@ def test_transmission_is_nan_and_only_before_survives_when_no_later_loss_reaches
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. The seed's claim: z = r = 0 on every unit at step m
+# 3. The blocking gate case: z = r = 0 on every unit at step m, so J_m = 0
 
 
 @pytest.mark.parametrize(("reset", "update"), [("after", "keep"), ("before", "keep"), ("after", "replace")])
@@ -963,3 +966,130 @@ def test_explain_finds_a_horizon_beyond_the_first_sweep() -> None:
     horizon = next(f for f in gl.explain(trace, eps=1e-2).findings if f.topic == "horizon")
     expected = _horizons(trace.jacobians(), 1e-2, [300, 260])
     assert horizon.details["horizon"] == expected and min(expected) > 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. explain's wording: one basis per comparison, ratios defined, signs counted, short estimates and ranks said
+
+
+def _finding(explanation: gl.Explanation, topic: str) -> Finding:
+    (finding,) = [f for f in explanation.findings if f.topic == topic]
+    return finding
+
+
+def test_explain_local_gradients_compares_like_with_like() -> None:
+    """The largest single-block value sits next to that block's own median, and the all-blocks norm is given with
+    its own median and max, so no per-block largest is set against an all-blocks median."""
+    trace = gl.Model(_gru(seed=21, factor=2.5)).trace(_randn(T, EXPLAIN_B, I, seed=22))
+    local = _finding(gl.explain(trace), "local gradients")
+    result = gl.local_gradients(trace)
+    largest, summary = result.largest, result.summary()
+    block, overall = summary[largest["block"]], summary["all"]
+    assert local.value == largest["value"]
+    assert f"‖∂⁺h_k/∂{largest['block']}‖_F = {largest['value']:.3g}" in local.text
+    assert f"that block's median per step is {block['median']:.3g} (p95 {block['p95']:.3g})" in local.text
+    assert (
+        f"all blocks together, ‖∂⁺h_k/∂θ‖_F has median {overall['median']:.3g} per step "
+        f"(p95 {overall['p95']:.3g}, max {overall['max']:.3g})" in local.text
+    )
+    assert overall["max"] >= largest["value"]  # the all-blocks norm bounds every block's
+    assert local.details["block"] == block and local.details["all"] == overall
+
+
+@pytest.mark.parametrize(("seed", "above_one"), [(6, True), (4, False)])
+def test_explain_blocking_says_what_the_share_is(seed: int, above_one: bool) -> None:
+    """‖G_across‖/‖G‖ is a ratio of norms: named with its block, and, above 1, explained (the parts cancel)."""
+    trace = gl.Model(_gru(seed=seed, factor=2.5)).trace(_randn(T, EXPLAIN_B, I, seed=22))
+    blocking = _finding(gl.explain(trace, tol=0.3, seed=SEED), "blocking")
+    event = gl.blocking(trace, tol=0.3, seed=SEED).events[0]
+    shares = {
+        (loss, name): part["across"] / part["total"]
+        for loss, parts in event.parts.items()
+        for name, part in parts.items()
+        if part["total"] > 0
+    }
+    assert (max(shares.values()) > 1) == above_one  # the premise
+    for loss in event.parts:
+        name = max((s, n) for (lo, n), s in shares.items() if lo == loss)[1]
+        assert f"is at most ‖G_across‖/‖G‖ = {shares[loss, name]:.2g} (for {name})" in blocking.text
+    assert "‖G_across‖/‖G‖ is a ratio of norms: the part of a block's gradient that credits" in blocking.text
+    assert "of any weight's gradient" not in blocking.text
+    assert ("partly cancel" in blocking.text) == above_one
+
+
+def _one_unit_elman() -> gl.Elman:
+    """h' = tanh(x₀ + 1.5 h): λ₁ = log 1.5 > 0 for x = 0 (h stays 0), and ≈ −7.6 for x₀ = 3 (tanh saturates)."""
+    zero = torch.zeros(1, dtype=F64)
+    w_ih = torch.tensor([[1.0, 0.0, 0.0]], dtype=F64)
+    return gl.Elman({"W_ih": w_ih, "W_hh": torch.tensor([[1.5]], dtype=F64), "b_ih": zero, "b_hh": zero.clone()})
+
+
+@pytest.mark.parametrize("steps", [8, 120])
+def test_explain_lyapunov_counts_the_signs_and_says_when_it_is_short(steps: int) -> None:
+    x = torch.zeros(steps, 3, I, dtype=F64)
+    x[:, 1:, 0] = 3.0
+    trace = gl.Model(_one_unit_elman()).trace(x)
+    finding = _finding(gl.explain(trace), "lyapunov")
+    per_sequence = gl.lyapunov(trace).exponents[:, 0]
+    assert per_sequence[0] == pytest.approx(math.log(1.5), rel=1e-12) and bool((per_sequence[1:] < -1).all())
+    assert finding.value == pytest.approx(float(per_sequence[1]), rel=1e-12)  # the (upper) median: negative
+    assert "1 of 3 sequences have λ₁ > 0" in finding.text
+    assert "2 have λ₁ < 0" in finding.text
+    assert finding.details["positive"] == 1
+    assert f"{steps} steps from h_0 with no warm-up" in finding.text
+    short = steps < 100
+    assert ("short estimate" in finding.text) == short and finding.details["short"] == short
+    json.dumps(gl.explain(trace).to_dict(), allow_nan=False)
+
+
+def test_explain_horizon_over_a_one_step_trace_says_it_is_too_short() -> None:
+    trace = gl.Model(_gru(seed=21)).trace(_randn(1, EXPLAIN_B, I, seed=22))
+    horizon = _finding(gl.explain(trace, eps=1e-9), "horizon")
+    assert horizon.value is None
+    assert "T = 1" in horizon.text and "too short" in horizon.text
+    long = gl.Model(_gru(seed=21)).trace(_randn(120, EXPLAIN_B, I, seed=22))
+    never = _finding(gl.explain(long, eps=1e-300), "horizon")
+    assert never.value is None and "T = 120" in never.text and "too short" not in never.text
+
+
+def test_explain_reports_exponents_beyond_the_numerical_rank() -> None:
+    """Two of five ReLU units never switch on: λ₁ is finite, and the finding says that only 3 of the 5 exponents
+    are finite, the other 2 being −inf."""
+    trace = gl.Model(_relu_with_units_off()).trace(_nonnegative_inputs(12, EXPLAIN_B))
+    explanation = gl.explain(trace)
+    finding = _finding(explanation, "lyapunov")
+    spectrum = gl.lyapunov(trace)
+    assert spectrum.rank.tolist() == [5 - len(OFF)] * EXPLAIN_B  # the premise
+    assert finding.details["rank"] == [3] * EXPLAIN_B and finding.details["exponents_followed"] == 5
+    assert math.isfinite(finding.value)
+    assert "only 3 of the 5 exponents are finite" in finding.text
+    assert "the other 2 are −inf" in finding.text
+    data = json.loads(json.dumps(explanation.to_dict(), allow_nan=False))
+    (lyapunov,) = [f for f in data["findings"] if f["topic"] == "lyapunov"]
+    assert lyapunov["details"]["rank"] == [3] * EXPLAIN_B
+
+
+def test_explain_follows_the_top_exponents_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more units than EXPLAIN_EXPONENTS, the finding follows the top ones and says so; λ₁ is the same."""
+    trace = gl.Model(_relu_with_units_off()).trace(_nonnegative_inputs(12, EXPLAIN_B))
+    whole = _finding(gl.explain(trace), "lyapunov")
+    monkeypatch.setattr(importlib.import_module("gatelens.analysis.explain"), "EXPLAIN_EXPONENTS", 4)
+    top = _finding(gl.explain(trace), "lyapunov")
+    assert top.value == whole.value and top.details["exponents_followed"] == 4
+    assert top.details["rank"] == [3] * EXPLAIN_B
+    assert "only 3 of the 4 exponents followed (of 5) are finite and the other 1 is −inf" in top.text
+
+
+def test_the_before_part_of_a_single_final_loss_is_exactly_zero() -> None:
+    """Regression: G_before was formed as G − G_{t ≥ m}, a difference that left round-off (2.5e-7 here, float32)
+    where no loss lies before the step. It is now contracted from the earlier losses' own adjoint: exactly 0."""
+    torch.manual_seed(0)
+    model = gl.load(nn.GRU(3, 16, num_layers=2))
+    trace = model.trace(torch.randn(100, 8, 3))
+    blocked = gl.what_if(trace, clamp={"z": 0.0, "r": 0.0}, steps=[49])  # every unit blocks at step 50
+    result = gl.blocking(blocked, tol=0.1)
+    assert len(result.events) == 8 and {event.step for event in result.events} == {49}
+    for event in result.events:
+        for block, norms in event.parts["many-to-one"].items():
+            assert norms["before"] == 0.0, block
+            assert norms["total"] > 0, block

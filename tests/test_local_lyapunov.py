@@ -435,6 +435,9 @@ def test_exponents_against_the_explicit_product_of_jacobians(case: str) -> None:
     # the leading k exponents do not depend on k
     for k in (1, 2):
         assert torch.allclose(lyapunov(trace, k=k).exponents, result.exponents[:, :k], rtol=1e-13, atol=1e-15)
+    # full rank: every exponent is finite, and rank says so
+    assert result.rank.tolist() == [size] * B
+    assert torch.all(result.exponents.isfinite())
 
 
 def test_largest_exponent_is_the_growth_rate_of_propagations_spectral_norm() -> None:
@@ -452,6 +455,163 @@ def test_largest_exponent_is_the_growth_rate_of_propagations_spectral_norm() -> 
     spectrum = lyapunov(trace)
     assert torch.allclose(spectrum.largest, largest, rtol=1e-12, atol=0)
     assert torch.all(spectrum.exponents[:, 1:] < largest[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerical rank: directions that J_i Q_{i−1} maps to zero within roundoff have λ = −inf
+
+
+OFF = (1, 3)  # units of _relu_with_units_off that are always off
+SLOPE = 0.7  # the active units' recurrence is SLOPE times a permutation: every finite exponent is log SLOPE
+
+
+def _relu_with_units_off(size: int = 5, parallel: bool = False, seed: int = 0) -> gl.Elman:
+    """A ReLU Elman RNN whose units OFF are always off and whose other units are always on (for inputs x ≥ 0):
+
+    active rows: W_hh[A, A] = SLOPE·Π (a permutation), W_ih[A] ≥ 0, bias +1, so the pre-activation is ≥ 1;
+    off rows: W_hh[off, A] ≤ 0, W_ih[off] = 0, bias −1, so the pre-activation is ≤ −1 and relu' = 0.
+
+    J_i = diag(relu') W_hh has zero rows at OFF, so rank J_i = 3 and the product P = J_n ⋯ J_1 has rank 3: exactly
+    two exponents are −inf, and on the active subspace J acts as SLOPE·Π, so the three others are log SLOPE. With
+    ``parallel`` the column of the first off unit is a multiple of column 0 (its rows in A), so that QR without
+    care meets a roundoff-level column in the middle of the frame.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    active = torch.tensor([j for j in range(size) if j not in OFF])
+    off = torch.tensor(OFF)
+    w_hh = torch.randn(size, size, generator=generator, dtype=F64)
+    w_hh[active[:, None], active[None, :]] = SLOPE * torch.eye(len(active), dtype=F64)[[2, 0, 1]]
+    w_hh[off[:, None], active[None, :]] = -w_hh[off[:, None], active[None, :]].abs()
+    if parallel:
+        w_hh[active, OFF[0]] = w_hh[active, 0] / 3
+    w_ih = torch.rand(size, I, generator=generator, dtype=F64)
+    w_ih[off] = 0.0
+    bias = torch.ones(size, dtype=F64)
+    bias[off] = -1.0
+    weights = {"W_ih": w_ih, "W_hh": w_hh, "b_ih": bias, "b_hh": torch.zeros(size, dtype=F64)}
+    return gl.Elman(weights, nonlinearity="relu")
+
+
+def _nonnegative_inputs(steps: int, batch: int = B, seed: int = 17) -> Tensor:
+    return torch.rand(steps, batch, I, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_units_that_are_always_off_give_minus_inf_exponents() -> None:
+    """Two of five ReLU units never switch on: exactly two exponents are −inf (not a large negative number such as
+    −37, the log of roundoff), and the other three are log SLOPE, as J acts on the active units as SLOPE·Π."""
+    steps = 12
+    trace = gl.Model(_relu_with_units_off()).trace(_nonnegative_inputs(steps))
+    jacobians = trace.jacobians()
+    assert torch.all(jacobians[:, :, list(OFF)] == 0)  # the premise: the off units' rows are exactly 0
+    assert torch.all(jacobians[1:] == jacobians[0])  # and every active unit is on at every step
+    result = lyapunov(trace, warmup=1)  # the first step turns Q onto the active subspace
+    for b in range(B):
+        exponents = sorted(result.exponents[b].tolist(), reverse=True)
+        assert exponents[3:] == [-math.inf, -math.inf], exponents
+        assert all(abs(value - math.log(SLOPE)) <= 1e-12 for value in exponents[:3]), exponents
+    assert result.rank.tolist() == [3] * B
+    assert torch.equal(result.largest, result.exponents.max(-1).values)
+    # a run without warm-up: the first step's rotation is averaged in, the rank is the same
+    assert lyapunov(trace).rank.tolist() == [3] * B
+    # the top k exponents alone: finite, and rank counts only those
+    top = lyapunov(trace, k=2, warmup=1)
+    assert top.rank.tolist() == [2] * B
+    assert torch.allclose(top.exponents, torch.full((B, 2), math.log(SLOPE), dtype=F64), rtol=0, atol=1e-12)
+    # JSON: −inf becomes None, and rank says how many exponents are finite
+    document = json.loads(json.dumps(result.to_dict(running=True), allow_nan=False))
+    assert document["rank"] == [3] * B
+    for b in range(B):
+        row = document["exponents"][b]
+        assert [value is None for value in row] == [not math.isfinite(v) for v in result.exponents[b].tolist()]
+        assert sum(value is not None for value in row) == 3
+    assert torch.all(result.stderr[result.exponents.isneginf()].isnan())  # no spread to measure around −inf
+
+
+def _exact_log_volumes_of(jacobians: Tensor, columns: list[int]) -> list[float]:
+    """log vol_m(P e_{c_1}, …, P e_{c_m}) for m = 1..len(columns), P = J_n ⋯ J_1, in 120-digit arithmetic."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(120):
+        product = mpmath.eye(jacobians.shape[-1])
+        for jacobian in jacobians.tolist():
+            product = mpmath.matrix(jacobian) * product
+        chosen = mpmath.matrix([[product[i, j] for j in columns] for i in range(product.rows)])
+        _, r = mpmath.qr(chosen)
+        logs = [mpmath.log(abs(r[j, j])) for j in range(len(columns))]
+        return [float(sum(logs[: m + 1])) for m in range(len(logs))]
+
+
+def test_a_collapsed_column_in_the_middle_takes_nothing_from_the_live_ones() -> None:
+    """The first off unit's column is a multiple of column 0, so J e_1 ∈ span(J e_0) and R[1, 1] is roundoff at the
+    first step, in the middle of the frame. Its exponent is −inf, and its arbitrary direction goes behind the live
+    columns: the finite exponents are those of the live columns alone (n·Σ_{j ≤ m} λ_{c_j} = log vol_m(P e_{c_1},
+    …, P e_{c_m}), exact), and as many are finite as P has rank (3), not fewer."""
+    steps = 12
+    trace = gl.Model(_relu_with_units_off(parallel=True)).trace(_nonnegative_inputs(steps))
+    jacobians = trace.jacobians()
+    result = lyapunov(trace)
+    assert result.rank.tolist() == [3] * B
+    for b in range(B):
+        product = torch.linalg.multi_dot(list(jacobians[:, b].flip(0)))
+        assert int(torch.linalg.matrix_rank(product)) == 3  # the premise
+        exponents = result.exponents[b]
+        assert exponents[1] == -math.inf  # the parallel column
+        live = [j for j in range(5) if math.isfinite(exponents[j])]
+        assert len(live) == 3 and live[0] == 0
+        exact = torch.tensor(_exact_log_volumes_of(jacobians[:, b], live), dtype=F64)
+        volumes = exponents[live].cumsum(0) * steps
+        assert torch.all((volumes - exact).abs() <= 1e-9 * exact.abs().clamp_min(1)), (volumes, exact)
+    warm = lyapunov(trace, warmup=1)  # the collapse falls in the warm-up: what follows is exact
+    for b in range(B):
+        finite = warm.exponents[b][warm.exponents[b].isfinite()]
+        assert finite.shape == (3,) and torch.all((finite - math.log(SLOPE)).abs() <= 1e-12), warm.exponents[b]
+
+
+def _diagonal_relu(delta: float, dtype: torch.dtype) -> gl.Elman:
+    """h' = relu(diag(1, δ) h + 1): always on, so J = diag(1, δ) at every step, and R = diag(1, δ) exactly."""
+    ones = torch.ones(2, dtype=dtype)
+    weights = {
+        "W_ih": torch.zeros(2, I, dtype=dtype),
+        "W_hh": torch.diag(torch.tensor([1.0, delta], dtype=dtype)),
+        "b_ih": ones,
+        "b_hh": torch.zeros(2, dtype=dtype),
+    }
+    return gl.Elman(weights, nonlinearity="relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_rank_tolerance_is_state_size_times_eps_times_the_frobenius_norm(dtype: torch.dtype) -> None:
+    """|R_i[j, j]| ≤ S · eps(dtype) · ‖J_i‖_F counts as zero (λ_j = −inf); just above it, λ_j = log δ."""
+    eps = torch.finfo(dtype).eps
+    tolerance = 2 * eps * math.sqrt(1 + (2 * eps) ** 2)  # S = 2, ‖diag(1, δ)‖_F = √(1 + δ²)
+    x = torch.zeros(6, B, I, dtype=dtype)
+    above = lyapunov(gl.Model(_diagonal_relu(1.01 * tolerance, dtype)), x)
+    expected = torch.tensor([0.0, math.log(float(torch.tensor(1.01 * tolerance, dtype=dtype)))], dtype=dtype)
+    assert torch.allclose(above.exponents, expected.expand(B, 2), rtol=1e-6, atol=0), above.exponents
+    assert above.rank.tolist() == [2] * B
+    below = lyapunov(gl.Model(_diagonal_relu(0.99 * tolerance, dtype)), x)
+    assert below.exponents[:, 0].tolist() == [0.0] * B
+    assert below.exponents[:, 1].tolist() == [-math.inf] * B
+    assert below.rank.tolist() == [1] * B
+    # an exact zero at every step is dead at the counted steps too, whatever the warm-up
+    assert lyapunov(gl.Model(_diagonal_relu(0.0, dtype)), x, warmup=5).rank.tolist() == [1] * B
+
+
+def test_rank_of_an_exactly_singular_step_and_of_padding() -> None:
+    """J = 0 at one step (z = r = 0 clamped): every exponent is −inf, rank 0; a sequence that ends before that
+    step keeps its rank, and one with no counted step has NaN exponents and counts none as −inf."""
+    model = gl.Model(gl.GRU.random(I, 3, dtype=F64, seed=3))
+    x = _randn(8, 3, I, seed=18)
+    trace = gl.what_if(model.trace(x, lengths=[8, 3, 6]), {"z": 0.0, "r": 0.0}, steps=[4])
+    result = lyapunov(trace)
+    assert result.rank.tolist() == [0, 3, 0]
+    assert torch.all(result.exponents[[0, 2]].isneginf()) and torch.all(result.exponents[1].isfinite())
+    short = lyapunov(model, x, lengths=[8, 2, 6], warmup=3, windows=2)
+    assert short.rank.tolist() == [3, 3, 3] and torch.all(short.exponents[1].isnan())
+    # a collapse inside the warm-up only turns Q: the counted steps decide
+    early = gl.what_if(model.trace(x), {"z": 0.0, "r": 0.0}, steps=[0])
+    assert lyapunov(early).rank.tolist() == [0, 0, 0]
+    warmed = lyapunov(early, warmup=1)
+    assert warmed.rank.tolist() == [3, 3, 3] and torch.all(warmed.exponents.isfinite())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,15 @@
     timescales       long-term and short-term units by τ = 1 / (1 − c̄)                         (regimes)
     horizon          the lag at which ‖∂h_T/∂h_{T−ℓ}‖₂ falls below eps                         (propagation)
     blocking         steps with collapsed Jacobian rows, and what survives of each gradient    (blocking, credit)
-    local gradients  the largest ‖∂⁺h_k/∂θ‖_F and the typical size per step                    (local_gradients)
-    lyapunov         the top Lyapunov exponent and the e-folding time it implies               (lyapunov)
+    local gradients  the largest ‖∂⁺h_k/∂θ‖_F of one block θ beside θ's own median, and the   (local_gradients)
+                     norm over all blocks together with its own median, p95 and max
+    lyapunov         λ₁ (median over sequences, and how many are positive or negative), the    (lyapunov)
+                     e-folding time it implies, and the exponents that are −inf (rank)
+
+Estimates over fewer than SHORT_TRACE = 100 steps are called short in the text: the Lyapunov exponents are
+averaged from h_0 with no warm-up, so over a few dozen steps the transient from the initial state is part of them,
+and a horizon that is not reached within T steps says nothing about longer lags. The Lyapunov finding follows the
+top min(S, EXPLAIN_EXPONENTS) exponents, so a rank deficit shows where the rank is below that number.
 
 A unidirectional model is explained as one recurrence (all layers together); a bidirectional one per layer and
 direction. Each finding keeps its supporting numbers in ``details``; ``to_dict`` gives JSON and ``render`` text.
@@ -33,6 +40,8 @@ from gatelens.analysis.serialize import json_number
 from gatelens.trace import DIRECTIONS, Trace
 
 HORIZON_LAGS = 64  # lags of the first propagation sweep for the horizon; grown fourfold as needed
+SHORT_TRACE = 100  # fewer steps than this: the Lyapunov estimate and an unreached horizon are called short
+EXPLAIN_EXPONENTS = 32  # Lyapunov exponents followed (all of them for S ≤ 32): enough to see a rank deficit
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,10 @@ def _timescale_finding(regime: Any) -> Finding:
     return Finding("timescales", regime.recurrence, text, taus[longest], details)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _steps(value: float) -> str:
     return "∞ steps" if math.isinf(value) else f"{value:.1f} steps"
 
@@ -171,7 +184,13 @@ def _horizon_finding(trace: Trace, layer: int | None, direction: str | None, eps
     horizons = torch.where(from_end >= 0, (from_end.cpu() - padding).clamp_min(0), -1).tolist()
     reached = sorted(h for h in horizons if h >= 0)
     if not reached:
-        text = f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} over all lags in every sequence: no vanishing here."
+        text = (
+            f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} at every lag of every sequence (T = {steps}): no vanishing "
+            f"within {_count(steps, 'step')}"
+        )
+        if steps < SHORT_TRACE:
+            text += f"; with fewer than {SHORT_TRACE} steps the trace is too short to say whether it vanishes later"
+        text += "."
         value = None
     else:
         value = float(reached[len(reached) // 2])
@@ -183,44 +202,98 @@ def _horizon_finding(trace: Trace, layer: int | None, direction: str | None, eps
 
 
 def _local_finding(trace: Trace, layer: int | None, direction: str | None) -> Finding:
+    """The largest ‖∂⁺h_k/∂θ‖_F of one block θ beside the same block's median and p95 over steps, and the norm over
+    all blocks together, ‖∂⁺h_k/∂θ_all‖_F = (Σ_θ ‖∂⁺h_k/∂θ‖_F²)^½, with its own median, p95 and max."""
     result = local_gradients(trace, layer=layer, direction=direction)
-    largest, overall = result.largest, result.summary()["all"]
+    summary = result.summary()
+    largest, overall = result.largest, summary["all"]
+    block = summary[largest["block"]]
     text = (
-        f"the largest local gradient is ‖∂⁺h_k/∂{largest['block']}‖ = {largest['value']:.3g} at step index "
-        f"{largest['step']} of sequence {largest['sequence']}; over all blocks the median per step is "
-        f"{overall['median']:.3g} (p95 {overall['p95']:.3g})."
+        f"the largest local gradient of a single weight block is ‖∂⁺h_k/∂{largest['block']}‖_F = "
+        f"{largest['value']:.3g} at step index {largest['step']} of sequence {largest['sequence']}; that block's "
+        f"median per step is {block['median']:.3g} (p95 {block['p95']:.3g}). Over all blocks together, "
+        f"‖∂⁺h_k/∂θ‖_F has median {overall['median']:.3g} per step (p95 {overall['p95']:.3g}, max "
+        f"{overall['max']:.3g})."
     )
-    return Finding("local gradients", result.recurrence, text, largest["value"], {"largest": largest, "all": overall})
+    details = {"largest": largest, "block": block, "all": overall}
+    return Finding("local gradients", result.recurrence, text, largest["value"], details)
 
 
 def _lyapunov_finding(trace: Trace, layer: int | None, direction: str | None) -> Finding:
-    result = lyapunov(trace, k=1, layer=layer, direction=direction)
-    per_sequence = result.largest.tolist()
-    exponents = sorted(per_sequence)
-    median = exponents[len(exponents) // 2]  # the upper median: one singular sequence does not decide it
-    if median == -math.inf:
-        meaning = "some step maps every perturbation to zero (an exactly singular Jacobian)"
-    elif median < 0:
-        meaning = f"perturbations of the state shrink by e every {-1 / median:.1f} steps"
-    elif median > 0:
-        meaning = f"perturbations grow by e every {1 / median:.1f} steps (chaotic or exploding)"
+    """λ₁ per sequence (the exponent of the first direction, Q_0 e_1 = e_1, as with k = 1), its upper median and
+    how many sequences have λ₁ > 0 and < 0; the rank (exponents not −inf) among the top k = min(S,
+    EXPLAIN_EXPONENTS); and whether the estimate is short (fewer than SHORT_TRACE steps, from h_0, no warm-up)."""
+    size = trace.recurrence(layer, direction).cell.state_size
+    k = min(size, EXPLAIN_EXPONENTS)
+    result = lyapunov(trace, k=k, layer=layer, direction=direction)
+    per_sequence, ranks = result.exponents[:, 0].tolist(), result.rank.tolist()
+    exponents, count = sorted(per_sequence), len(per_sequence)
+    median = exponents[count // 2]  # the upper median: one singular sequence does not decide it
+    positive, negative = sum(v > 0 for v in per_sequence), sum(v < 0 for v in per_sequence)
+    meaning = _lyapunov_meaning(median, sorted(ranks)[count // 2])
+    if count > 1:
+        text = (
+            f"the top Lyapunov exponent λ₁ has median {median:.3g} per step over {count} sequences: at the median, "
+            f"{meaning}; {positive} of {count} sequences have λ₁ > 0 (perturbations grow), {negative} have λ₁ < 0 "
+            f"(range {exponents[0]:.3g} to {exponents[-1]:.3g})."
+        )
     else:
-        meaning = "perturbations neither grow nor shrink"
-    spread = f" (median over sequences; range {exponents[0]:.3g} to {exponents[-1]:.3g})" if len(exponents) > 1 else ""
-    text = f"the top Lyapunov exponent is λ₁ = {median:.3g} per step{spread}: {meaning}."
+        text = f"the top Lyapunov exponent is λ₁ = {median:.3g} per step: {meaning}."
+    steps = int(result.counted.max())
+    short = steps < SHORT_TRACE
+    text += f" Estimated over {_count(steps, 'step')} from h_0 with no warm-up" + (
+        f": a short estimate (under {SHORT_TRACE} steps), so the transient from the initial state is part of it; "
+        "read it as indicative." if short else "."
+    )
+    deficient = sorted(rank for rank in ranks if rank < k)
+    if deficient:
+        on = f"On {len(deficient)} of {count} sequences the" if count > 1 else "The"
+        finite, other = _span(deficient[0], deficient[-1]), _span(k - deficient[-1], k - deficient[0])
+        followed = f"exponents followed (of {size})" if k < size else "exponents"
+        text += (
+            f" {on} Jacobians are numerically rank-deficient: only {finite} of the {k} {followed} are finite and the "
+            f"other {other} {'is' if other == '1' else 'are'} −inf: directions that some step maps to zero within "
+            "roundoff (|R_jj| ≤ S·eps·‖J_t‖_F)."
+        )
     details = {
         "per_sequence": [json_number(v) for v in per_sequence],
         "stderr": [json_number(v) for v in result.stderr[:, 0].tolist()],
+        "positive": positive,
+        "negative": negative,
+        "steps": steps,
+        "short": short,
+        "rank": ranks,
+        "exponents_followed": k,
     }
     return Finding("lyapunov", result.recurrence, text, median, details)
 
 
+def _lyapunov_meaning(exponent: float, rank: int) -> str:
+    """What λ₁ says about perturbations of the state (e-folding time 1/|λ₁|)."""
+    if exponent == -math.inf:
+        if rank == 0:
+            return "some step maps every perturbation to zero (an exactly singular Jacobian)"
+        return "some step maps the first direction followed to zero (a singular Jacobian)"
+    if exponent < 0:
+        return f"perturbations of the state shrink by a factor e every {-1 / exponent:.1f} steps"
+    if exponent > 0:
+        return f"perturbations grow by a factor e every {1 / exponent:.1f} steps (chaotic or exploding)"
+    return "perturbations neither grow nor shrink"
+
+
+def _span(low: int, high: int) -> str:
+    return f"{low}" if low == high else f"{low} to {high}"
+
+
 def _blocking_findings(result: Blocking, dtype: str) -> list[Finding]:
+    """The most severe event, per loss: the gain ‖ā J‖/‖ā‖ of the later losses' adjoint, the largest share
+    ‖G_across‖/‖G‖ over the blocks (a ratio of norms, above 1 when G_across and G − G_across partly cancel), and
+    the smallest ‖G‖."""
     if not result.events:
         text = f"no Jacobian row falls below {result.tol:g} at any step: nothing blocks the flow."
         return [Finding("blocking", "all", text, 0.0, {"tol": result.tol})]
     event = result.events[0]
-    losses = []
+    losses, shares = [], False
     for loss in result.losses:
         parts = event.parts[loss]
         if event.underflow[loss]:
@@ -232,16 +305,19 @@ def _blocking_findings(result: Blocking, dtype: str) -> list[Finding]:
         if math.isnan(event.transmission[loss]):
             losses.append(f"{loss}: no loss lies at or after it, so it cuts nothing")
             continue
-        across = max(_across_share(value) for value in parts.values())
-        smallest = min(parts, key=lambda block: parts[block]["total"])
+        widest = max(parts, key=lambda block: _across_share(parts[block]))
+        across = _across_share(parts[widest])
+        cancel = " — above 1, as that part and the rest of the gradient partly cancel" if across > 1 else ""
+        shares, smallest = True, min(parts, key=lambda block: parts[block]["total"])
         remain = (
             f"the gradients remain (smallest ‖∂L/∂{smallest}‖ = {parts[smallest]['total']:.3g})"
             if parts[smallest]["total"] > 0
             else f"{smallest} gets no gradient from this sequence at all"
         )
         losses.append(
-            f"{loss}: the later losses' adjoint crosses it with gain {event.transmission[loss]:.2g}, the credit it "
-            f"carries to earlier steps is at most {across:.2g} of any weight's gradient, and {remain}"
+            f"{loss}: the later losses' adjoint crosses it with gain {event.transmission[loss]:.2g}; the credit it "
+            f"carries to earlier source steps is at most ‖G_across‖/‖G‖ = {across:.2g} (for {widest}){cancel}; and "
+            f"{remain}"
         )
     text = (
         f"{result.total_events} step(s) have Jacobian rows below {result.tol:g}. The most severe, step index "
@@ -249,6 +325,11 @@ def _blocking_findings(result: Blocking, dtype: str) -> list[Finding]:
         + "; ".join(losses)
         + "."
     )
+    if shares:
+        text += (
+            " ‖G_across‖/‖G‖ is a ratio of norms: the part of a block's gradient that credits source steps before "
+            "that step, over the whole gradient."
+        )
     return [Finding("blocking", event.recurrence, text, float(result.total_events), result.to_dict())]
 
 

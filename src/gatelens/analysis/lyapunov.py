@@ -10,6 +10,20 @@ the dominant directions; they are only left out of the averages. λ_1 ≥ λ_2 �
 order of the columns, not sorted). Exponents are in nats per step: a product of Jacobians grows like e^{λ_1 ℓ}
 over ℓ steps, so λ_1 < 0 means gradients vanish at the rate −λ_1, and λ_1 ≈ 0 that they are carried.
 
+Numerical rank. Where J_i Q_{i−1} is rank-deficient, the R_i[j, j] beyond its rank are roundoff, and their log
+(−37 in float64, say) is no growth rate: the exact value is log 0 = −inf. A diagonal entry counts as zero when
+
+    |R_i[j, j]| ≤ S · eps · ‖J_i‖_F          (S the state size, eps the machine epsilon of the dtype)
+
+(Householder QR's backward error is bounded in the Frobenius norm; as ‖J‖_F ≥ ‖J‖₂ this is at least numpy's
+matrix_rank tolerance S · eps · σ_max, and J Q has ‖J Q‖_F ≤ ‖J‖_F). Such a column is dead at that
+step: λ_j = −inf if it happens at a counted step (once the volume of P e_1, …, P e_j is 0 it stays 0). Its direction
+is then arbitrary, so the step's QR is redone with the dead columns moved behind the live ones (each group in its
+own order), and they stay behind at later steps: a dead column's arbitrary direction takes no growth from the live
+columns, whose exponents are those of the live frame alone. ``rank`` is the number of exponents that are not
+−inf, per sequence: the numerical rank of the product of the counted steps' Jacobians within the k directions
+followed.
+
 Finite-time exponents are the same averages over consecutive windows of the counted steps; their spread gives a
 standard error for λ (the batch-means method), and ``running`` holds the estimate after every step, so whether
 the exponents have converged can be read off both. Nothing is stored beyond Q: the Jacobians are formed a chunk of
@@ -38,9 +52,10 @@ DEFAULT_WINDOWS = 10
 class Lyapunov:
     """Lyapunov exponents per sequence; build one with :func:`lyapunov`.
 
-    exponents (B, k); finite_time (W, B, k), window w covering step indices window_edges[w]..window_edges[w+1]−1;
-    stderr (B, k): the standard error of the mean of the finite-time exponents; running (T − warmup, B, k): the
-    estimate after each step; counted (B,): steps averaged per sequence.
+    exponents (B, k), −inf beyond the numerical rank (module docstring); finite_time (W, B, k), window w covering
+    step indices window_edges[w]..window_edges[w+1]−1; stderr (B, k): the standard error of the mean of the
+    finite-time exponents (NaN for −inf); running (T − warmup, B, k): the estimate after each step; counted (B,):
+    steps averaged per sequence; rank (B,): exponents that are not −inf.
     """
 
     recurrence: str
@@ -51,6 +66,7 @@ class Lyapunov:
     stderr: Tensor
     running: Tensor
     counted: Tensor
+    rank: Tensor
 
     @property
     def largest(self) -> Tensor:
@@ -58,8 +74,9 @@ class Lyapunov:
         return self.exponents.max(-1).values
 
     def to_dict(self, running: bool = False) -> dict[str, Any]:
-        """Exponents, finite-time exponents and standard errors, ready for JSON (None for NaN and ±inf); with
-        ``running=True`` also the estimate after every step."""
+        """Exponents, finite-time exponents and standard errors, ready for JSON (None for NaN and ±inf: ``rank``
+        says how many exponents per sequence are finite); with ``running=True`` also the estimate after every
+        step."""
         return ({"running": json_list(self.running)} if running else {}) | {
             "recurrence": self.recurrence,
             "warmup": self.warmup,
@@ -68,6 +85,7 @@ class Lyapunov:
             "finite_time": json_list(self.finite_time),
             "window_edges": self.window_edges,
             "counted": self.counted.tolist(),
+            "rank": self.rank.tolist(),
         }
 
 
@@ -98,13 +116,15 @@ def lyapunov(
     windows = min(DEFAULT_WINDOWS, steps - warmup) if windows is None else _count("windows", windows, 1, steps - warmup)
     dtype, device = rec.states.dtype, rec.states.device
     directions = torch.eye(size, k, dtype=dtype, device=device).expand(batch, size, k)
+    order: Tensor | None = None  # (B, k): the column each position of ``directions`` follows, once one has moved
     log_growth = torch.empty(steps, batch, k, dtype=dtype, device=device)
     chunk = max(1, CHUNK_ELEMENTS // (batch * size * size))
     for start in range(0, steps, chunk):
         jacobians = rec.jacobians(steps=slice(start, min(steps, start + chunk)))
-        for offset, jacobian in enumerate(jacobians):
-            directions, r = torch.linalg.qr(jacobian @ directions)
-            log_growth[start + offset] = r.diagonal(dim1=-2, dim2=-1).abs().log()
+        tolerances = size * torch.finfo(dtype).eps * torch.linalg.matrix_norm(jacobians)  # S · eps · ‖J_i‖_F
+        for offset, (jacobian, tolerance) in enumerate(zip(jacobians, tolerances)):
+            directions, order, growth = _qr_step(jacobian @ directions, tolerance[:, None], order)
+            log_growth[start + offset] = growth if order is None else growth.scatter(-1, order, growth)
     counted = (torch.arange(steps, device=device)[:, None] >= warmup).expand(steps, batch)
     if rec.mask is not None:
         counted = counted & rec.mask
@@ -123,7 +143,24 @@ def lyapunov(
         stderr=_standard_error(finite_time),
         running=running,
         counted=counts,
+        rank=k - log_growth.isneginf().any(0).sum(-1),
     )
+
+
+def _qr_step(product: Tensor, tolerance: Tensor, order: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """J Q = Q' R for product = J Q (B, S, k); log|R_jj| per position, −inf where |R_jj| ≤ tolerance (B, 1). Where a
+    dead position lies before a live one, the columns are reordered (live first, each group in its own order) and
+    the QR is redone; ``order`` (None: the identity) follows the columns through every reordering."""
+    q, r = torch.linalg.qr(product)
+    diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
+    dead = diagonal <= tolerance
+    if product.shape[-1] > 1 and bool((dead[..., :-1] & ~dead[..., 1:]).any()):
+        moved = torch.sort(dead.to(torch.int8), dim=-1, stable=True).indices
+        order = moved if order is None else order.gather(-1, moved)
+        q, r = torch.linalg.qr(product.gather(-1, moved[..., None, :].expand_as(product)))
+        diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
+        dead = dead.gather(-1, moved) | (diagonal <= tolerance)
+    return q, order, torch.where(dead, -math.inf, diagonal.log())
 
 
 def _trace(source: Any, x: Any, h0: InitialState, lengths: Any) -> Trace:
