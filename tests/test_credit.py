@@ -394,6 +394,14 @@ def test_contributions_of_a_loss_match_the_oracle(cells: str, loss: str) -> None
         assert set(torch.nonzero(rows).flatten().tolist()) <= set((last).tolist())
 
 
+def _reverse_reader(lengths: list[int]) -> Callable[[Tensor], Tensor]:
+    """Values (T, B, F) in the inputs' time order ↦ a reverse direction's processing order: step i reads L_b − 1 − i
+    (steps past a sequence's end keep their index)."""
+    steps = torch.arange(T)[:, None]
+    order = torch.where(_mask(lengths), torch.tensor(lengths)[None, :] - 1 - steps, steps)
+    return lambda values: values.gather(0, order[..., None].expand(-1, -1, values.shape[-1]))
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_bidirectional_directions_are_their_own_recurrences(padded: bool) -> None:
     """One bidirectional layer: the reverse direction is indexed in its own processing order."""
@@ -406,12 +414,7 @@ def test_bidirectional_directions_are_their_own_recurrences(padded: bool) -> Non
     cm = gl.credit(trace, out_grads)
     mask = _mask(lengths)
     g = torch.where(mask[..., None], out_grads, 0.0)
-    steps = torch.arange(T)[:, None]
-    order = torch.where(mask, torch.tensor(lengths)[None, :] - 1 - steps, steps)  # step i reads L_b − 1 − i
-
-    def read(values: Tensor) -> Tensor:
-        return values.gather(0, order[..., None].expand(-1, -1, values.shape[-1]))
-
+    read = _reverse_reader(lengths)
     expected = oracle_contributions([_oracle_layer(forward)], x, g[..., :3], mask)
     expected |= {
         name.replace("l0.", "l0_reverse."): c
@@ -434,12 +437,7 @@ def test_a_reverse_stack_keeps_the_models_block_names(cells: str, padded: bool) 
     cm = gl.credit(trace, out_grads)
     mask = _mask(lengths)
     g = torch.where(mask[..., None], out_grads, 0.0)
-    steps = torch.arange(T)[:, None]
-    order = torch.where(mask, torch.tensor(lengths)[None, :] - 1 - steps, steps)  # step i reads L_b − 1 − i
-
-    def read(values: Tensor) -> Tensor:
-        return values.gather(0, order[..., None].expand(-1, -1, values.shape[-1]))
-
+    read = _reverse_reader(lengths)
     expected = {
         re.sub(r"^l(\d+)\.", r"l\1_reverse.", name): c
         for name, c in oracle_contributions([_oracle_layer(c) for c in layers], read(x), read(g), mask).items()
