@@ -6,10 +6,9 @@ per-step Jacobian must equal autograd through one step of the module (an oracle 
 
 from __future__ import annotations
 
-import warnings
-
 import re
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -722,4 +721,5 @@ def test_a_state_dict_without_a_layout_warns_when_the_input_looks_batch_first() 
         model.trace(torch.randn(30, 4, I, dtype=torch.float64))  # looks time-major: no warning
         gl.load(gru).trace(torch.randn(4, 30, I, dtype=torch.float64))  # the module records its layout
         gl.load(gru.state_dict(), batch_first=False).trace(torch.randn(4, 30, I, dtype=torch.float64))
-    assert gl.load(gru.state_dict(), batch_first=True).trace(torch.randn(30, 4, I, dtype=torch.float64)).output.shape[:2] == (30, 4)
+    batch_first = gl.load(gru.state_dict(), batch_first=True)
+    assert batch_first.trace(torch.randn(30, 4, I, dtype=torch.float64)).output.shape[:2] == (30, 4)

@@ -206,7 +206,8 @@ def test_a_forward_pass_that_overflows_is_refused_with_its_step_and_sequence(rev
     x = torch.zeros(300, 2, I, dtype=F64)
     x[:, 1] = torch.rand(300, I, generator=torch.Generator().manual_seed(1), dtype=F64)
     model = gl.Model(cell, reverse=reverse)
-    with pytest.raises(ValueError, match=r"overflowed: the state of l0(_reverse)? is not finite .* at step \d+ .*of sequence 1"):
+    message = r"overflowed: the state of l0(_reverse)? is not finite .* at step \d+ .*of sequence 1"
+    with pytest.raises(ValueError, match=message):
         model.trace(x)
     with pytest.raises(ValueError, match="overflowed"):
         gl.lyapunov(model, x)

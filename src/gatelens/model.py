@@ -21,6 +21,7 @@ from gatelens.cells.base import Cell, Clamp, stack_caches
 from gatelens.cells.stack import Stack
 from gatelens.trace import Recurrence, Trace, gather_time
 
+
 class LayoutWarning(UserWarning):
     """The input's layout may not be the one the model reads it in."""
 

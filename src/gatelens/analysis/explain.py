@@ -243,7 +243,9 @@ def _lyapunov_finding(trace: Trace, layer: int | None, direction: str | None) ->
     short = steps < SHORT_TRACE
     text += f" Estimated over {_count(steps, 'step')} from h_0 with no warm-up" + (
         f": a short estimate (under {SHORT_TRACE} steps), so the transient from the initial state is part of it; "
-        "read it as indicative." if short else "."
+        "read it as indicative."
+        if short
+        else "."
     )
     deficient = sorted(rank for rank in ranks if rank < k)
     if deficient:

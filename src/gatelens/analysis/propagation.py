@@ -101,7 +101,8 @@ def propagation(
     points = anchor_steps(anchors, steps)
     limit = steps if max_lag is None else lag_limit(max_lag, steps)
     batch, size = rec.states.shape[1:]
-    log_sv = torch.full((len(points), steps + 1, batch, size), math.nan, dtype=rec.states.dtype, device=rec.states.device)
+    dtype, device = rec.states.dtype, rec.states.device
+    log_sv = torch.full((len(points), steps + 1, batch, size), math.nan, dtype=dtype, device=device)
     log_sv[:, 0] = 0.0  # Π_0 = I
     products = LagProducts(rec, points, lowest=max(0, int(points[0]) - limit + 1))
     for step in products:
@@ -112,5 +113,3 @@ def propagation(
         products.advance(step)
         log_sv[step.first + torch.nonzero(live).flatten(), lags[live]] = products.log_singular_values(step, live)
     return Propagation(recurrence=rec.name, anchors=points, log_singular_values=log_sv)
-
-
