@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 from torch.func import jacrev
 
 import gatelens as gl
@@ -155,27 +156,52 @@ def test_float32_agrees_with_float64(case: CellCase) -> None:
     assert relative_error(cell32.jacobian(cache32).double(), cell.jacobian(cache64)) <= 1e-5
 
 
-@pytest.mark.parametrize(("dtype", "bias", "tol"), [(torch.float64, -25.0, 1e-12), (torch.float32, -19.0, 1e-4)])
-def test_update_replace_keeps_z_times_n_when_z_is_below_eps(dtype: torch.dtype, bias: float, tol: float) -> None:
-    """Regression: h' = (1 − z)h + z n was formed as (1 − c)n with c = 1 − z, so z n rounded away once z < eps (the
-    long-memory regime of update "replace"): h_T and ∂L/∂W_in came out exactly 0 in float32."""
-    weights = dict(gl.GRU.random(2, 3, update="replace", seed=0, dtype=F64).weights)
-    weights |= {"W_iz": torch.zeros(3, 2, dtype=F64), "W_hz": torch.zeros(3, 3, dtype=F64)}
-    weights |= {"b_iz": torch.full((3,), bias, dtype=F64), "b_hz": torch.zeros(3, dtype=F64)}  # z = σ(bias)
-    x = torch.randn(300, 1, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    cell = gl.GRU({k: w.to(dtype) for k, w in weights.items()}, update="replace")
-    trace = gl.Model(cell).trace(x.to(dtype))
-    step = reference_step(gl.GRU(weights, update="replace"))
+def _long_memory_gru_oracle(weights: dict[str, Tensor], x: Tensor, update: str) -> tuple[Tensor, Tensor]:
+    """h_T and ∂(Σ h_T)/∂W_in of a reset-"after" GRU in float64, written from the formula with 1 − z = σ(−a_z)."""
     leaves = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
+    w = leaves
     h = torch.zeros(3, dtype=F64)
-    for t in range(300):
-        h = step(leaves, x[t, 0], h)
-    (expected_grad,) = torch.autograd.grad(h.sum(), [leaves["W_in"]])
-    assert relative_error(trace.final_state[0, 0].double(), h.detach()) <= tol
+    for t in range(x.shape[0]):
+        a_z = w["W_iz"] @ x[t] + w["b_iz"] + w["W_hz"] @ h + w["b_hz"]
+        r = torch.sigmoid(w["W_ir"] @ x[t] + w["b_ir"] + w["W_hr"] @ h + w["b_hr"])
+        n = torch.tanh(w["W_in"] @ x[t] + w["b_in"] + r * (w["W_hn"] @ h + w["b_hn"]))
+        z, z_complement = torch.sigmoid(a_z), torch.sigmoid(-a_z)
+        h = z * h + z_complement * n if update == "keep" else z_complement * h + z * n
+    (gradient,) = torch.autograd.grad(h.sum(), [leaves["W_in"]])
+    return h.detach(), gradient
+
+
+@pytest.mark.parametrize("update", ["replace", "keep"])
+@pytest.mark.parametrize(("dtype", "bias", "tol"), [(torch.float64, 25.0, 1e-12), (torch.float32, 19.0, 1e-4)])
+def test_a_share_below_eps_is_kept_in_both_update_conventions(
+    update: str, dtype: torch.dtype, bias: float, tol: float
+) -> None:
+    """Regression: the state keeps all but a share below eps (z → 0 under "replace", z → 1 under "keep"). That share
+    was formed as 1 − (1 − z), or as 1 − σ(a) with σ(a) rounded to 1, so it rounded away: h_T and ∂L/∂W_in came
+    out exactly 0 in float32 (torch's own GRU rounds it away too) and τ infinite."""
+    weights = dict(gl.GRU.random(2, 3, seed=0, dtype=F64).weights)
+    weights |= {"W_iz": torch.zeros(3, 2, dtype=F64), "W_hz": torch.zeros(3, 3, dtype=F64)}
+    kept = bias if update == "keep" else -bias  # z = σ(kept): the share renewed per step is σ(−bias)
+    weights |= {"b_iz": torch.full((3,), kept, dtype=F64), "b_hz": torch.zeros(3, dtype=F64)}
+    x = torch.randn(300, 1, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    trace = gl.Model(gl.GRU({k: w.to(dtype) for k, w in weights.items()}, update=update)).trace(x.to(dtype))
+    expected_state, expected_grad = _long_memory_gru_oracle(weights, x[:, 0], update)
+    assert relative_error(trace.final_state[0, 0].double(), expected_state) <= tol
     out_grads = torch.zeros_like(trace.output)
     out_grads[-1] = 1.0
     got = gl.credit(trace, out_grads).total["l0.W_in"].double()
     assert relative_error(got, expected_grad) <= tol * 10
-    z = torch.sigmoid(torch.tensor(bias, dtype=F64))
+    renewed = torch.sigmoid(torch.tensor(-bias, dtype=F64))
     tau = gl.regimes(trace).timescale.double()
-    assert relative_error(tau, torch.full((3,), float(1 / z), dtype=F64)) <= tol  # τ = 1/z̄, not 1/(1 − (1 − z̄))
+    assert relative_error(tau, torch.full((3,), float(1 / renewed), dtype=F64)) <= tol  # τ = 1/(1 − c̄), c̄ → 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_lstm_forget_gate_within_eps_of_one_has_a_finite_timescale(dtype: torch.dtype) -> None:
+    """1 − f is σ(−a_f): with b_if = 25, f is 1 in float32 and 1 − 1.4e-11 in float64, τ = 1/σ(−25) = 7.2e10."""
+    weights = dict(gl.LSTM.random(2, 3, seed=0, dtype=dtype).weights)
+    weights |= {"W_if": torch.zeros(3, 2, dtype=dtype), "W_hf": torch.zeros(3, 3, dtype=dtype)}
+    weights |= {"b_if": torch.full((3,), 25.0, dtype=dtype), "b_hf": torch.zeros(3, dtype=dtype)}
+    trace = gl.Model(gl.LSTM(weights)).trace(torch.randn(20, 2, 2, dtype=dtype))
+    expected = 1 / torch.sigmoid(torch.tensor(-25.0, dtype=F64))
+    assert relative_error(gl.regimes(trace).timescale.double(), expected.expand(3)) <= 1e-6

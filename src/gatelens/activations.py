@@ -10,6 +10,11 @@ Hard sigmoid has two definitions in use, and they give different numbers:
     hard_sigmoid_keras3(a) = clip(a/6 + 0.5, 0, 1)       Keras 3, torch.nn.functional.hardsigmoid
 
 so a bare ``"hard_sigmoid"`` is refused with a message that names both.
+
+Every gate activation is symmetric about (0, ½), so its complement is 1 − g(a) = g(−a). Gates give it as
+``complement``, computed from −a, never as 1 − g(a): once g(a) is within eps of 1, 1 − g(a) rounds to 0 while g(−a)
+keeps its true value (σ(20) is 1 in float32; σ(−20) = 2.1e-9). The sigmoid's derivative σ(a)·σ(−a) is formed the
+same way.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Activation:
-    """An element-wise function φ with its derivative φ'(a), given a and y = φ(a)."""
+    """An element-wise function φ with its derivative φ'(a), given a and y = φ(a); a gate also has its complement
+    1 − φ(a) = φ(−a) (module docstring)."""
 
     name: str
     function: Callable[[Tensor], Tensor]
     derivative: Callable[[Tensor, Tensor], Tensor]
+    complement: Callable[[Tensor], Tensor] | None = None
 
 
 def _hard_sigmoid(slope: float) -> Activation:
@@ -41,11 +48,13 @@ def _hard_sigmoid(slope: float) -> Activation:
         return (a.abs() < edge).to(a.dtype) * slope
 
     name = "hard_sigmoid_keras2" if slope == 0.2 else "hard_sigmoid_keras3"
-    return Activation(name, function, derivative)
+    return Activation(name, function, derivative, complement=lambda a: function(-a))
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation("sigmoid", torch.sigmoid, lambda a, y: y * (1 - y)),
+    "sigmoid": Activation(
+        "sigmoid", torch.sigmoid, lambda a, y: y * torch.sigmoid(-a), complement=lambda a: torch.sigmoid(-a)
+    ),
     "tanh": Activation("tanh", torch.tanh, lambda a, y: 1 - y * y),
     "relu": Activation("relu", torch.relu, lambda a, y: (a > 0).to(a.dtype)),
     "hard_sigmoid_keras2": _hard_sigmoid(0.2),

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, get_activation
+from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activation, get_activation
 
 CellT = TypeVar("CellT", bound="Cell")
 Clamp = Mapping[str, tuple[Tensor, Tensor]]  # gate name ↦ (value, where), both broadcastable to (B, units)
@@ -211,12 +211,24 @@ class Cell(ABC):
         return next(iter(self.weights.values())).device
 
 
-def clamped(name: str, gate: Tensor, slope: Tensor, clamp: Clamp | None) -> tuple[Tensor, Tensor]:
-    """A gate and its slope with ``clamp[name]`` applied: the given constant where clamped, and slope 0 there."""
+class Gate(NamedTuple):
+    """A gate's value g, its complement 1 − g (formed from the pre-activation, without cancellation) and its slope."""
+
+    value: Tensor
+    complement: Tensor
+    slope: Tensor
+
+
+def gate(activation: Activation, name: str, a: Tensor, clamp: Clamp | None) -> Gate:
+    """The gate ``name`` with pre-activation ``a``: g = σ(a), 1 − g = σ(−a) and σ'(a); where ``clamp[name]`` fixes it,
+    the given constant c, 1 − c and slope 0 (a constant has no derivative)."""
+    value = activation.function(a)
+    complement = activation.complement(a)  # type: ignore[misc]  # gate activations all have one
+    slope = activation.derivative(a, value)
     if not clamp or name not in clamp:
-        return gate, slope
-    value, where = clamp[name]
-    return torch.where(where, value, gate), torch.where(where, 0.0, slope)
+        return Gate(value, complement, slope)
+    fixed, where = clamp[name]
+    return Gate(torch.where(where, fixed, value), torch.where(where, 1 - fixed, complement), torch.where(where, 0.0, slope))
 
 
 def check_no_clamp(kind: str, clamp: Clamp | None) -> None:

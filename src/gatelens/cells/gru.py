@@ -11,9 +11,11 @@ With σ the gate activation and φ the candidate activation (tanh unless stated)
     h' = c ⊙ h + (1 − c) ⊙ n,   with the carry gate  c = z (update "keep": PyTorch, Keras, ONNX, Cho)
                                                      c = 1 − z (update "replace": Chung et al. 2014)
 
-The two shares c and 1 − c are each formed from z as the formula writes them (z and 1 − z), never as 1 − c from
-c: under update "replace" a share of z below the dtype's eps would otherwise round away (1 − (1 − z) = 0), and that
-is exactly the long-memory regime of the convention.
+The two shares c and 1 − c are z and 1 − z as the formula writes them, with 1 − z = σ(−a_z) computed from the
+pre-activation (``gatelens.activations``), never as 1 − z from z or as 1 − c from c: a share below the dtype's eps
+would otherwise round away (1 − (1 − z) = 0 under update "replace"; 1 − σ(a_z) = 0 once σ(a_z) rounds to 1 under
+"keep"), and that is exactly the long-memory regime of each convention. So gatelens is exact there where a plain
+forward pass (torch's own GRU included) rounds the kept state's complement to 0.
 
 Writing c' = ∂c/∂a_z = ±σ'(a_z) and g = (1 − c) ⊙ φ'(a_n), the Jacobian ∂h'/∂h is the sum of four paths:
 
@@ -42,7 +44,7 @@ from gatelens.cells.base import (
     MemoryGates,
     affine,
     check_choice,
-    clamped,
+    gate,
     diag_times,
     sizing_block,
     uniform_weights,
@@ -61,6 +63,7 @@ class GRUCache:
     h: Tensor  # the previous state
     r: Tensor
     z: Tensor
+    z_complement: Tensor  # 1 − z, formed as σ(−a_z)
     n: Tensor
     dr: Tensor  # σ'(a_r)
     dz: Tensor  # σ'(a_z)
@@ -133,9 +136,8 @@ class GRU(Cell):
         h = state
         a_r = affine(x, w["W_ir"], b("b_ir")) + affine(h, w["W_hr"], b("b_hr"))
         a_z = affine(x, w["W_iz"], b("b_iz")) + affine(h, w["W_hz"], b("b_hz"))
-        r, z = self._gate.function(a_r), self._gate.function(a_z)
-        r, dr = clamped("r", r, self._gate.derivative(a_r, r), clamp)
-        z, dz = clamped("z", z, self._gate.derivative(a_z, z), clamp)
+        r, _, dr = gate(self._gate, "r", a_r, clamp)
+        z, z_complement, dz = gate(self._gate, "z", a_z, clamp)
         if self.reset == "after":
             u = affine(h, w["W_hn"], b("b_hn"))
             a_n = affine(x, w["W_in"], b("b_in")) + r * u
@@ -143,14 +145,15 @@ class GRU(Cell):
             u = r * h
             a_n = affine(x, w["W_in"], b("b_in")) + affine(u, w["W_hn"], b("b_hn"))
         n = self._candidate.function(a_n)
-        carry, renew = self._shares(z)
+        dn = self._candidate.derivative(a_n, n)
+        cache = GRUCache(x=x, h=h, r=r, z=z, z_complement=z_complement, n=n, dr=dr, dz=dz, dn=dn, u=u)
+        carry, renew = self._shares(cache)
         new_h = carry * h + renew * n
-        cache = GRUCache(x=x, h=h, r=r, z=z, n=n, dr=dr, dz=dz, dn=self._candidate.derivative(a_n, n), u=u)
         return new_h, cache
 
     def memory_gates(self, cache: GRUCache) -> MemoryGates:
         """carry c, gate r, and admit r (reset "after") or ‖W_hn[j, :] ⊙ r‖ / ‖W_hn[j, :]‖ (reset "before")."""
-        carry, renew = self._shares(cache.z)
+        carry, renew = self._shares(cache)
         if self.reset == "after":
             return MemoryGates(carry=carry, admit=cache.r, gate=cache.r, leak=renew)
         squared = self.weights["W_hn"].square()
@@ -159,15 +162,14 @@ class GRU(Cell):
         admit = torch.where(row > 0, admitted / row.sqrt().clamp_min(torch.finfo(row.dtype).tiny), 0.0)
         return MemoryGates(carry=carry, admit=admit, gate=cache.r, leak=renew)
 
-    def _shares(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _shares(self, cache: GRUCache) -> tuple[Tensor, Tensor]:
         """(c, 1 − c): the shares of the old state and of the candidate, (z, 1 − z) for "keep", (1 − z, z) for
-        "replace", each formed from z directly."""
-        complement = 1 - z
-        return (z, complement) if self.update == "keep" else (complement, z)
+        "replace", with 1 − z = σ(−a_z) from the cache (module docstring)."""
+        return (cache.z, cache.z_complement) if self.update == "keep" else (cache.z_complement, cache.z)
 
-    def _carry(self, z: Tensor) -> Tensor:
+    def _carry(self, cache: GRUCache) -> Tensor:
         """c: the share of the old state kept, z ("keep") or 1 − z ("replace")."""
-        return self._shares(z)[0]
+        return self._shares(cache)[0]
 
     def _carry_slope(self, cache: GRUCache) -> Tensor:
         """c' = ∂c/∂a_z."""
@@ -175,7 +177,7 @@ class GRU(Cell):
 
     def _candidate_gain(self, cache: GRUCache) -> Tensor:
         """g = ∂h'/∂a_n = (1 − c) ⊙ φ'(a_n)."""
-        return self._shares(cache.z)[1] * cache.dn
+        return self._shares(cache)[1] * cache.dn
 
     def _scaled_blocks(self, cache: GRUCache) -> dict[str, tuple[Tensor, str]]:
         """The update path, and for reset "after" the candidate and reset paths, as diag(scale) · W_block."""
@@ -187,7 +189,7 @@ class GRU(Cell):
 
     def jacobian_paths(self, cache: GRUCache) -> dict[str, Tensor]:
         w = self.weights
-        paths = {"carry": torch.diag_embed(self._carry(cache.z))}
+        paths = {"carry": torch.diag_embed(self._carry(cache))}
         paths |= {name: diag_times(scale, w[block]) for name, (scale, block) in self._scaled_blocks(cache).items()}
         if self.reset == "before":
             gain_w_hn = diag_times(self._candidate_gain(cache), w["W_hn"])  # diag(g) W_hn, shared by both paths
@@ -203,7 +205,7 @@ class GRU(Cell):
         scales = torch.stack([scale for scale, _ in blocks], dim=-1)  # (..., H, paths)
         weights = torch.stack([self.weights[block] for _, block in blocks])  # (paths, H, H)
         jacobian = torch.einsum("...ip,pij->...ij", scales, weights)
-        jacobian.diagonal(dim1=-2, dim2=-1).add_(self._carry(cache.z))
+        jacobian.diagonal(dim1=-2, dim2=-1).add_(self._carry(cache))
         return jacobian
 
     def input_jacobian(self, cache: GRUCache) -> Tensor:
@@ -238,7 +240,7 @@ class GRU(Cell):
         through_hn = g["hn"] @ w["W_hn"]
         if self.reset == "before":
             through_hn = through_hn * cache.r
-        return v * self._carry(cache.z) + g["z"] @ w["W_hz"] + g["r"] @ w["W_hr"] + through_hn
+        return v * self._carry(cache) + g["z"] @ w["W_hz"] + g["r"] @ w["W_hr"] + through_hn
 
     def input_vjp(self, cache: GRUCache, v: Tensor) -> Tensor:
         w = self.weights

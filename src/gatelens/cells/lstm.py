@@ -34,7 +34,7 @@ from gatelens.cells.base import (
     Factor,
     MemoryGates,
     affine,
-    clamped,
+    gate,
     diag_times,
     sizing_block,
     uniform_weights,
@@ -52,6 +52,7 @@ class LSTMCache:
     c: Tensor  # previous cell state
     i: Tensor
     f: Tensor
+    f_complement: Tensor  # 1 − f, formed as σ(−a_f): the leak of the cell state
     g: Tensor
     o: Tensor
     di: Tensor  # σ'(a_i)
@@ -123,11 +124,7 @@ class LSTM(Cell):
         w = self.weights
         h, c = state[..., : self.output_size], state[..., self.output_size :]
         a = {g: affine(x, w[f"W_i{g}"], w.get(f"b_i{g}")) + affine(h, w[f"W_h{g}"], w.get(f"b_h{g}")) for g in GATES}
-        gates = {}
-        for name in self.gate_names:
-            value = self._gate.function(a[name])
-            gates[name] = clamped(name, value, self._gate.derivative(a[name], value), clamp)
-        (i, di), (f, df), (o, do) = gates["i"], gates["f"], gates["o"]
+        (i, _, di), (f, f_complement, df), (o, _, do) = (gate(self._gate, n, a[n], clamp) for n in self.gate_names)
         g = self._candidate.function(a["g"])
         new_c = f * c + i * g
         tc = self._candidate.function(new_c)
@@ -138,6 +135,7 @@ class LSTM(Cell):
             c=c,
             i=i,
             f=f,
+            f_complement=f_complement,
             g=g,
             o=o,
             di=di,
@@ -150,8 +148,8 @@ class LSTM(Cell):
         return torch.cat([new_h, new_c], dim=-1), cache
 
     def memory_gates(self, cache: LSTMCache) -> MemoryGates:
-        """Per cell unit: carry f, admit and gate i (the input gate on the candidate), leak 1 − f."""
-        return MemoryGates(carry=cache.f, admit=cache.i, gate=cache.i, leak=1 - cache.f)
+        """Per cell unit: carry f, admit and gate i (the input gate on the candidate), leak 1 − f = σ(−a_f)."""
+        return MemoryGates(carry=cache.f, admit=cache.i, gate=cache.i, leak=cache.f_complement)
 
     def state_labels(self) -> list[str]:
         return [f"h{j}" for j in range(self.output_size)] + [f"c{j}" for j in range(self.hidden_size)]
