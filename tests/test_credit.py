@@ -812,3 +812,28 @@ def test_a_reverse_only_model_gets_the_reverse_half_of_a_bidirectional_modules_g
     assert relative_error(cm.total["l0_reverse.W_hz"], module.weight_hh_l0_reverse.grad[4:8]) <= TOL
     assert relative_error(cm.total["l0_reverse.W_in"], module.weight_ih_l0_reverse.grad[8:12]) <= TOL
     assert relative_error(cm.by_source["l0_reverse.W_in"].sum(0), cm.total["l0_reverse.W_in"]) <= TOL
+
+
+def test_a_gradient_that_overflows_the_dtype_is_refused_with_its_step() -> None:
+    """Regression: a chaotic float32 Elman (H = 64, W_hh ~ N(0, 16/H), T = 400) whose true gradient (~1e58) exceeds
+    float32 gave NaN credit silently, which explain read as "no gradient". The float64 trace gives it."""
+    hidden, steps = 64, 400
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        "W_ih": torch.randn(hidden, 2, generator=generator, dtype=F64),
+        "W_hh": torch.randn(hidden, hidden, generator=generator, dtype=F64) * (16 / hidden) ** 0.5,
+    }
+    x = torch.randn(steps, 2, 2, generator=generator, dtype=F64)
+    narrow = gl.Model(gl.Elman(weights).to(torch.float32)).trace(x.float())
+    out_grads = torch.randn(steps, 2, hidden, generator=generator, dtype=F64)
+    cm = gl.credit(narrow, out_grads.float())
+    message = r"gradient overflowed float32 flowing back through l0: .* step index \d+ .*float64"
+    for field in ("total", "by_source", "by_lag", "norms", "path_shares"):
+        with pytest.raises(ValueError, match=message):
+            getattr(cm, field)
+    with pytest.raises(ValueError, match=message):
+        gl.explain(narrow)
+    exact = gl.credit(gl.Model(gl.Elman(weights)).trace(x), out_grads)
+    total = exact.total["l0.W_hh"]
+    assert bool(torch.isfinite(total).all()) and float(total.norm()) > 1e40
+    assert all(bool(torch.isfinite(v).all()) for v in exact.by_lag.values())

@@ -359,11 +359,14 @@ def _check_states(name: str, states: Tensor, order: Tensor) -> None:
     finite = torch.isfinite(states).all(-1)  # (T+1, B)
     if bool(finite.all()):
         return
-    step, sequence = (int(i) for i in torch.nonzero(~finite)[0])
-    time = int(order[step - 1, sequence])
-    where = f"step {step}" + (f" (it reads the input at time index {time})" if time != step - 1 else "")
+    state, sequence = (int(i) for i in torch.nonzero(~finite)[0])
+    step = state - 1  # states[i] is h_i, made by step index i − 1
+    time = int(order[step, sequence])
+    where = f"step index {step} (0-based)" + (f", which reads the input at time index {time}," if time != step else "")
     advice = "scale the weights or the inputs down" + (
-        ", or trace in float64 (model.to(torch.float64) and a float64 input)" if states.dtype != torch.float64 else ""
+        ", or trace in float64 (model.to(torch.float64) and a float64 input; --dtype float64 on the command line)"
+        if states.dtype != torch.float64
+        else ""
     )
     raise ValueError(
         f"the forward pass overflowed: the state of {name} is not finite (inf or NaN) at {where} of sequence "

@@ -46,8 +46,10 @@ class BlockingEvent:
     """One step (0-based index ``step``, i.e. J_{step+1}) of one sequence with collapsed rows.
 
     parts[loss][block] holds the Frobenius norms of G_before, G_across, G_after and of G itself ("total") for that
-    sequence; transmission[loss] = ‖ā J‖ / ‖ā‖, NaN where ā = 0: either no loss lies at or after the step, or
-    (``underflow[loss]``) the later losses' adjoint has underflowed to 0 in the trace's dtype before reaching it.
+    sequence; transmission[loss] = ‖ā J‖ / ‖ā‖, NaN where ā = 0: no loss lies at or after the step, a later step cuts
+    all of the later losses' credit exactly (a zero Jacobian product), or (``underflow[loss]``) the later losses'
+    adjoint is not zero but has underflowed to 0 in the trace's dtype before reaching it — told apart by carrying
+    that adjoint as (unit vector, log-scale), which reads zero only when it is exactly zero.
     """
 
     recurrence: str
@@ -247,6 +249,27 @@ def _one_sequence(rec: Recurrence, sequence: int) -> Recurrence:
     )
 
 
+def _log_adjoint_norm(rec: Recurrence, g: Tensor, start: int) -> float:
+    """log ‖ā_start‖ for the one-sequence loss gradient g (T, 1, S), with ā carried as exp(s) · u, ‖u‖ = 1, from the
+    last step back to ``start``: ā_i = g_i + ā_{i+1} J_{i+1}, so it is −inf only where ā is exactly zero, never by
+    underflow."""
+    unit, scale = torch.zeros_like(g[0]), -math.inf
+    for step in reversed(range(start, rec.steps)):
+        if step + 1 < rec.steps and scale > -math.inf:
+            unit = rec.state_vjp(unit, steps=step + 1)
+        size = float(frobenius(g[step], dims=2))
+        if size == 0 and scale == -math.inf:
+            continue
+        if size == 0:  # renormalise what the Jacobian left of the unit vector
+            combined, top = unit, scale
+        else:  # exp(s) u + g = exp(top) (exp(s − top) u + g / ‖g‖ · exp(log‖g‖ − top)), both terms at most 1
+            top = max(scale, math.log(size))
+            combined = unit * math.exp(scale - top) + (g[step] / size) * math.exp(math.log(size) - top)
+        norm = float(frobenius(combined, dims=2))
+        unit, scale = (combined / norm, top + math.log(norm)) if norm > 0 else (torch.zeros_like(unit), -math.inf)
+    return scale
+
+
 def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> list[Effect]:
     """For events at step indices ``steps`` of a one-sequence recurrence with loss gradient g (T, 1, S) and
     summed adjoint ā (T, 1, S): the transmission and the norms of G_before, G_across, G_after, G per block."""
@@ -261,7 +284,10 @@ def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> lis
     crossing = torch.stack([rec.state_vjp(at_event[e], steps=steps[e]) for e in range(count)])
     at_event_norm = frobenius(at_event, dims=2)
     transmission = frobenius(crossing, dims=2) / at_event_norm
-    underflow = (at_event_norm == 0) & (later_g.flatten(1).abs().amax(1) > 0)
+    underflow = [
+        bool(at_event_norm[e] == 0) and math.isfinite(_log_adjoint_norm(rec, later_g[e], steps[e]))
+        for e in range(count)
+    ]
     factors = rec.param_factors(torch.cat([adjoint[None], later_adjoint, earlier_adjoint]))
     parts: list[dict[str, dict[str, float]]] = [{} for _ in steps]
     for name, (delta, inputs) in factors.items():

@@ -315,7 +315,33 @@ def summed_adjoints(rec: Recurrence, g: Tensor) -> Tensor:
     for step in reversed(range(rec.steps - 1)):
         adjoint = g[..., step, :, :] + rec.state_vjp(adjoint, steps=step + 1)
         adjoints[..., step, :, :] = adjoint
+    finite = torch.isfinite(adjoints).all(-1)  # (..., T, B)
+    refuse_overflow(rec, finite.flatten(0, -3).all(0) if finite.dim() > 2 else finite, adjoints.dtype)
     return adjoints
+
+
+def refuse_overflow(rec: Recurrence, finite: Tensor, dtype: torch.dtype) -> None:
+    """Raise if a backward sweep through ``rec`` overflowed: ``finite`` (T, B) marks the steps whose values stayed
+    finite; the error names the latest step that did not (where the sweep first overflowed) and its sequence.
+
+    Gradients that grow beyond the dtype's range come back as inf or NaN, which would read as a missing or vanished
+    gradient; the exact value is not representable, so this is refused rather than reported.
+    """
+    if bool(finite.all()):
+        return
+    bad = torch.nonzero(~finite)
+    step, sequence = (int(i) for i in bad[int(bad[:, 0].argmax())])
+    name = str(dtype).removeprefix("torch.")
+    advice = (
+        "trace in float64 (model.to(torch.float64) and a float64 input; --dtype float64 on the command line)"
+        if dtype != torch.float64
+        else "scale the loss down, or analyse fewer steps"
+    )
+    raise ValueError(
+        f"the gradient overflowed {name} flowing back through {rec.name}: it is not finite from step index {step} "
+        f"(0-based) of sequence {sequence} backwards, because its true size exceeds the range of {name}; gatelens "
+        f"does not report it, since inf and NaN would read as a missing gradient. To analyse it, {advice}"
+    )
 
 
 @dataclass(frozen=True)
@@ -340,6 +366,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
     sums = LagSums(steps)
     norms: dict[str, Tensor] = {}
     first = len(loss_steps)  # the active chains belong to loss_steps[first:]
+    finite = torch.ones(steps, g.shape[1], dtype=torch.bool, device=g.device)  # (T, B): every chain finite at step
     for step in reversed(range(steps)):
         if first and loss_steps_cpu[first - 1] == step:
             first -= 1
@@ -347,6 +374,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
         if first == len(loss_steps):
             continue
         active = chains.transpose(0, 1)  # (chains, B, S), a view
+        finite[step] = torch.isfinite(chains).flatten(1).all(1)  # checked once at the end: no sync per step
         factors = rec.param_factors(active, steps=step)  # kept by LagSums: chains is never written in place
         if lag_sums:
             sums.add(loss_steps[first:] - step, loss_steps_cpu[first] - step, loss_steps_cpu[-1] - step, factors)
@@ -362,6 +390,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
         else:
             chains = rec.state_vjp(active, steps=step).transpose(0, 1)
     sums.flush()
+    refuse_overflow(rec, finite, g.dtype)
     return ChainSweep(lag_sums=sums.sums, pair_norms=norms)
 
 

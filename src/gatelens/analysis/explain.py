@@ -42,6 +42,7 @@ from gatelens.trace import DIRECTIONS, Trace
 HORIZON_LAGS = 64  # lags of the first propagation sweep for the horizon; grown fourfold as needed
 SHORT_TRACE = 100  # fewer steps than this: the Lyapunov estimate and an unreached horizon are called short
 EXPLAIN_EXPONENTS = 32  # Lyapunov exponents followed (all of them for S ≤ 32): enough to see a rank deficit
+CANCELLATION = 1e-6  # ‖G_across‖/‖G‖ above 1 + this is a cancellation, not a ratio of equal norms with round-off
 
 
 @dataclass(frozen=True)
@@ -235,13 +236,19 @@ def _lyapunov_finding(trace: Trace, layer: int | None, direction: str | None) ->
         text = (
             f"the top Lyapunov exponent λ₁ has median {median:.3g} per step over {count} sequences: at the median, "
             f"{meaning}; {positive} of {count} sequences have λ₁ > 0 (perturbations grow), {negative} have λ₁ < 0 "
-            f"(range {exponents[0]:.3g} to {exponents[-1]:.3g})."
+            + (
+                f"(range {exponents[0]:.3g} to {exponents[-1]:.3g})."
+                if exponents[0] != exponents[-1]
+                else "(all equal)."
+            )
         )
     else:
         text = f"the top Lyapunov exponent is λ₁ = {median:.3g} per step: {meaning}."
-    steps = int(result.counted.max())
-    short = steps < SHORT_TRACE
-    text += f" Estimated over {_count(steps, 'step')} from h_0 with no warm-up" + (
+    counted = result.counted.tolist()
+    steps, fewest = int(max(counted)), int(min(counted))
+    short = fewest < SHORT_TRACE
+    over = _count(steps, "step") if fewest == steps else f"{fewest} to {steps} steps per sequence"
+    text += f" Estimated over {over} from h_0 with no warm-up" + (
         f": a short estimate (under {SHORT_TRACE} steps), so the transient from the initial state is part of it; "
         "read it as indicative."
         if short
@@ -274,8 +281,8 @@ def _lyapunov_meaning(exponent: float, rank: int) -> str:
     """What λ₁ says about perturbations of the state (e-folding time 1/|λ₁|)."""
     if exponent == -math.inf:
         if rank == 0:
-            return "some step maps every perturbation to zero (an exactly singular Jacobian)"
-        return "some step maps the first direction followed to zero (a singular Jacobian)"
+            return "some step maps every perturbation to zero, within roundoff (a zero Jacobian product)"
+        return "some step maps the first direction followed to zero, within roundoff (a singular Jacobian)"
     if exponent < 0:
         return f"perturbations of the state shrink by a factor e every {-1 / exponent:.1f} steps"
     if exponent > 0:
@@ -305,11 +312,16 @@ def _blocking_findings(result: Blocking, dtype: str) -> list[Finding]:
             )
             continue
         if math.isnan(event.transmission[loss]):
-            losses.append(f"{loss}: no loss lies at or after it, so it cuts nothing")
+            losses.append(
+                f"{loss}: no credit from later losses reaches it (no loss lies at or after it, or a later step "
+                "already cuts all of it), so it cuts nothing more"
+            )
             continue
         widest = max(parts, key=lambda block: _across_share(parts[block]))
         across = _across_share(parts[widest])
-        cancel = " — above 1, as that part and the rest of the gradient partly cancel" if across > 1 else ""
+        cancel = (
+            " — above 1, as that part and the rest of the gradient partly cancel" if across > 1 + CANCELLATION else ""
+        )
         shares, smallest = True, min(parts, key=lambda block: parts[block]["total"])
         remain = (
             f"the gradients remain (smallest ‖∂L/∂{smallest}‖ = {parts[smallest]['total']:.3g})"
@@ -322,7 +334,8 @@ def _blocking_findings(result: Blocking, dtype: str) -> list[Finding]:
             f"{remain}"
         )
     text = (
-        f"{result.total_events} step(s) have Jacobian rows below {result.tol:g}. The most severe, step index "
+        f"{_count(result.total_events, 'step')} (counted once per sequence) have Jacobian rows below "
+        f"{result.tol:g}. The most severe, step index "
         f"{event.step} of sequence {event.sequence} ({len(event.rows)} row(s), ‖J‖_F = {event.jacobian_norm:.2g}): "
         + "; ".join(losses)
         + "."

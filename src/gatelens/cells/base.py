@@ -219,7 +219,7 @@ class Gate(NamedTuple):
     slope: Tensor
 
 
-def gate(activation: Activation, name: str, a: Tensor, clamp: Clamp | None) -> Gate:
+def gate_values(activation: Activation, name: str, a: Tensor, clamp: Clamp | None) -> Gate:
     """The gate ``name`` with pre-activation ``a``: g = σ(a), 1 − g = σ(−a) and σ'(a); where ``clamp[name]`` fixes it,
     the given constant c, 1 − c and slope 0 (a constant has no derivative)."""
     value = activation.function(a)
@@ -228,7 +228,8 @@ def gate(activation: Activation, name: str, a: Tensor, clamp: Clamp | None) -> G
     if not clamp or name not in clamp:
         return Gate(value, complement, slope)
     fixed, where = clamp[name]
-    return Gate(torch.where(where, fixed, value), torch.where(where, 1 - fixed, complement), torch.where(where, 0.0, slope))
+    kept = torch.where(where, fixed, value)
+    return Gate(kept, torch.where(where, 1 - fixed, complement), torch.where(where, 0.0, slope))
 
 
 def check_no_clamp(kind: str, clamp: Clamp | None) -> None:

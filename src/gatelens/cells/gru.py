@@ -44,8 +44,8 @@ from gatelens.cells.base import (
     MemoryGates,
     affine,
     check_choice,
-    gate,
     diag_times,
+    gate_values,
     sizing_block,
     uniform_weights,
 )
@@ -136,8 +136,8 @@ class GRU(Cell):
         h = state
         a_r = affine(x, w["W_ir"], b("b_ir")) + affine(h, w["W_hr"], b("b_hr"))
         a_z = affine(x, w["W_iz"], b("b_iz")) + affine(h, w["W_hz"], b("b_hz"))
-        r, _, dr = gate(self._gate, "r", a_r, clamp)
-        z, z_complement, dz = gate(self._gate, "z", a_z, clamp)
+        r, _, dr = gate_values(self._gate, "r", a_r, clamp)
+        z, z_complement, dz = gate_values(self._gate, "z", a_z, clamp)
         if self.reset == "after":
             u = affine(h, w["W_hn"], b("b_hn"))
             a_n = affine(x, w["W_in"], b("b_in")) + r * u

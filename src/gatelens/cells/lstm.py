@@ -34,8 +34,8 @@ from gatelens.cells.base import (
     Factor,
     MemoryGates,
     affine,
-    gate,
     diag_times,
+    gate_values,
     sizing_block,
     uniform_weights,
 )
@@ -124,7 +124,8 @@ class LSTM(Cell):
         w = self.weights
         h, c = state[..., : self.output_size], state[..., self.output_size :]
         a = {g: affine(x, w[f"W_i{g}"], w.get(f"b_i{g}")) + affine(h, w[f"W_h{g}"], w.get(f"b_h{g}")) for g in GATES}
-        (i, _, di), (f, f_complement, df), (o, _, do) = (gate(self._gate, n, a[n], clamp) for n in self.gate_names)
+        gates = {name: gate_values(self._gate, name, a[name], clamp) for name in self.gate_names}
+        (i, _, di), (f, f_complement, df), (o, _, do) = gates["i"], gates["f"], gates["o"]
         g = self._candidate.function(a["g"])
         new_c = f * c + i * g
         tc = self._candidate.function(new_c)

@@ -25,9 +25,9 @@ from gatelens.report.findings import findings_table
 from gatelens.report.folder import write_report_folder
 
 LOSS_HELP = (
-    "the probe loss L = ⟨w, y⟩ on the outputs y with a fixed random readout w: at each sequence's last step (last, "
-    "many-to-one, the default; gl.credit's loss='last', which for a bidirectional model reads the reverse "
-    "direction after x_T alone, not h_n) or at every step (all, many-to-many)"
+    "the probe loss L = ⟨w, y⟩ on the outputs y with a fixed random readout w: on the final state h_n (last, "
+    "many-to-one, the default; gl.credit's loss='last': each direction's output at the last step it processes, "
+    "time T for a forward direction, time 1 for a reverse one) or at every step (all, many-to-many)"
 )
 
 

@@ -113,7 +113,8 @@ def _model(arguments: argparse.Namespace) -> Model:
     if suffix in (".onnx", ".keras", ".h5"):
         recorded = sorted(f"--{option.replace('_', '-')}" for option in given)
         if recorded:
-            raise ValueError(f"{', '.join(recorded)} apply to PyTorch state_dicts; a {suffix} file records its own")
+            verb = "applies" if len(recorded) == 1 else "apply"
+            raise ValueError(f"{', '.join(recorded)} {verb} to PyTorch state_dicts; a {suffix} file records its own")
         choice: int | str | None = arguments.prefix
         if choice is not None and choice.isdigit():
             choice = int(choice)
