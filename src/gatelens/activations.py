@@ -11,8 +11,8 @@ Hard sigmoid has two definitions in use, and they give different numbers:
 
 so a bare ``"hard_sigmoid"`` is refused with a message that names both.
 
-Every gate activation is symmetric about (0, ½), so its complement is 1 − g(a) = g(−a). Gates give it as
-``complement``, computed from −a, never as 1 − g(a): once g(a) is within eps of 1, 1 − g(a) rounds to 0 while g(−a)
+Every gate activation is symmetric about (0, ½), so its complement is 1 − g(a) = g(−a). Gates give it with their
+value and slope (``Activation.gate``), computed from −a, never as 1 − g(a): once g(a) is within eps of 1, 1 − g(a) rounds to 0 while g(−a)
 keeps its true value (σ(20) is 1 in float32; σ(−20) = 2.1e-9). The sigmoid's derivative σ(a)·σ(−a) is formed the
 same way.
 """
@@ -28,13 +28,19 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Activation:
-    """An element-wise function φ with its derivative φ'(a), given a and y = φ(a); a gate also has its complement
-    1 − φ(a) = φ(−a) (module docstring)."""
+    """An element-wise function φ with its derivative φ'(a), given a and y = φ(a). A gate activation also has
+    ``gate``: a ↦ (φ(a), 1 − φ(a) = φ(−a), φ'(a)) in one pass, the complement formed from −a (module docstring)."""
 
     name: str
     function: Callable[[Tensor], Tensor]
     derivative: Callable[[Tensor, Tensor], Tensor]
-    complement: Callable[[Tensor], Tensor] | None = None
+    gate: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+
+
+def _sigmoid_gate(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """σ(a), σ(−a) and σ'(a) = σ(a)·σ(−a)."""
+    value, complement = torch.sigmoid(a), torch.sigmoid(-a)
+    return value, complement, value * complement
 
 
 def _hard_sigmoid(slope: float) -> Activation:
@@ -47,14 +53,16 @@ def _hard_sigmoid(slope: float) -> Activation:
     def derivative(a: Tensor, y: Tensor) -> Tensor:
         return (a.abs() < edge).to(a.dtype) * slope
 
+    def gate(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        value = function(a)
+        return value, function(-a), derivative(a, value)
+
     name = "hard_sigmoid_keras2" if slope == 0.2 else "hard_sigmoid_keras3"
-    return Activation(name, function, derivative, complement=lambda a: function(-a))
+    return Activation(name, function, derivative, gate=gate)
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(
-        "sigmoid", torch.sigmoid, lambda a, y: y * torch.sigmoid(-a), complement=lambda a: torch.sigmoid(-a)
-    ),
+    "sigmoid": Activation("sigmoid", torch.sigmoid, lambda a, y: y * torch.sigmoid(-a), gate=_sigmoid_gate),
     "tanh": Activation("tanh", torch.tanh, lambda a, y: 1 - y * y),
     "relu": Activation("relu", torch.relu, lambda a, y: (a > 0).to(a.dtype)),
     "hard_sigmoid_keras2": _hard_sigmoid(0.2),

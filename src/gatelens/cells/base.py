@@ -222,9 +222,7 @@ class Gate(NamedTuple):
 def gate_values(activation: Activation, name: str, a: Tensor, clamp: Clamp | None) -> Gate:
     """The gate ``name`` with pre-activation ``a``: g = σ(a), 1 − g = σ(−a) and σ'(a); where ``clamp[name]`` fixes it,
     the given constant c, 1 − c and slope 0 (a constant has no derivative)."""
-    value = activation.function(a)
-    complement = activation.complement(a)  # type: ignore[misc]  # gate activations all have one
-    slope = activation.derivative(a, value)
+    value, complement, slope = activation.gate(a)  # type: ignore[misc]  # every gate activation has one
     if not clamp or name not in clamp:
         return Gate(value, complement, slope)
     fixed, where = clamp[name]
