@@ -12,9 +12,9 @@ Hard sigmoid has two definitions in use, and they give different numbers:
 so a bare ``"hard_sigmoid"`` is refused with a message that names both.
 
 Every gate activation is symmetric about (0, ½), so its complement is 1 − g(a) = g(−a). Gates give it with their
-value and slope (``Activation.gate``), computed from −a, never as 1 − g(a): once g(a) is within eps of 1, 1 − g(a) rounds to 0 while g(−a)
-keeps its true value (σ(20) is 1 in float32; σ(−20) = 2.1e-9). The sigmoid's derivative σ(a)·σ(−a) is formed the
-same way.
+value and slope (``Activation.gate``), computed from −a, never as 1 − g(a): once g(a) is within eps of 1, 1 − g(a)
+rounds to 0 while g(−a) keeps its true value (σ(20) is 1 in float32; σ(−20) = 2.1e-9). The sigmoid's derivative
+σ(a)·σ(−a) is formed the same way.
 """
 
 from __future__ import annotations
