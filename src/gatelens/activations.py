@@ -2,7 +2,8 @@
 
 Every cell names its activations by string; this module is the one place that turns a name into a function
 φ(a) and its derivative φ'(a). The derivative is written in terms of the pre-activation ``a`` and the output
-``y = φ(a)`` so that each activation can use whichever is cheaper (σ' = y(1 − y), tanh' = 1 − y²).
+``y = φ(a)``. Where y saturates, a derivative written from y would cancel (1 − y² once tanh(a) rounds to ±1), so
+these are formed from ``a``: tanh'(a) = 1/cosh²(a), which keeps every digit until it underflows.
 
 Hard sigmoid has two definitions in use, and they give different numbers:
 
@@ -63,7 +64,7 @@ def _hard_sigmoid(slope: float) -> Activation:
 
 ACTIVATIONS: dict[str, Activation] = {
     "sigmoid": Activation("sigmoid", torch.sigmoid, lambda a, y: y * torch.sigmoid(-a), gate=_sigmoid_gate),
-    "tanh": Activation("tanh", torch.tanh, lambda a, y: 1 - y * y),
+    "tanh": Activation("tanh", torch.tanh, lambda a, y: torch.cosh(a).square().reciprocal()),
     "relu": Activation("relu", torch.relu, lambda a, y: (a > 0).to(a.dtype)),
     "hard_sigmoid_keras2": _hard_sigmoid(0.2),
     "hard_sigmoid_keras3": _hard_sigmoid(1.0 / 6.0),
