@@ -4,7 +4,8 @@ For an anchor step t and a lag ℓ ≥ 0 the influence of the input x_{t−ℓ} 
 
     I_j(t, ℓ) = ‖∂h_t[j] / ∂x_{t−ℓ}‖₂ = ‖(J_t J_{t−1} ⋯ J_{t−ℓ+1})[j, :] · ∂h_{t−ℓ}/∂x_{t−ℓ}‖₂
 
-and ``profile[ℓ, j]`` is its mean over the anchors and sequences for which step t − ℓ lies inside the sequence.
+and ``profile[ℓ, j]`` is its mean over the anchors and sequences for which both the anchor t and step t − ℓ
+lie inside the sequence.
 A unit's *influence timescale* is the mean lag of its profile,
 
     τ_j = Σ_ℓ ℓ · I_j(ℓ) / Σ_ℓ I_j(ℓ)
