@@ -110,3 +110,14 @@ CELL_CASES = [
         ),
     ),
 ]
+
+
+def chaotic_elman(hidden: int = 64, steps: int = 400, batch: int = 2) -> tuple[dict[str, Tensor], Tensor]:
+    """The weights (float64) and input (T, B, 2) of a chaotic tanh Elman RNN, W_hh ~ N(0, 16/H): its Jacobian
+    products grow by about e^{0.4} per step, beyond float32's range (e^{88}) within a few hundred steps."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        "W_ih": torch.randn(hidden, 2, generator=generator, dtype=F64),
+        "W_hh": torch.randn(hidden, hidden, generator=generator, dtype=F64) * (16 / hidden) ** 0.5,
+    }
+    return weights, torch.randn(steps, batch, 2, generator=generator, dtype=F64)

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gatelens as gl
-from tests.cell_configs import relative_error
+from tests.cell_configs import chaotic_elman, relative_error
 
 F64 = torch.float64
 T, B, I = 6, 3, 3
@@ -817,15 +817,9 @@ def test_a_reverse_only_model_gets_the_reverse_half_of_a_bidirectional_modules_g
 def test_a_gradient_that_overflows_the_dtype_is_refused_with_its_step() -> None:
     """Regression: a chaotic float32 Elman (H = 64, W_hh ~ N(0, 16/H), T = 400) whose true gradient (~1e58) exceeds
     float32 gave NaN credit silently, which explain read as "no gradient". The float64 trace gives it."""
-    hidden, steps = 64, 400
-    generator = torch.Generator().manual_seed(0)
-    weights = {
-        "W_ih": torch.randn(hidden, 2, generator=generator, dtype=F64),
-        "W_hh": torch.randn(hidden, hidden, generator=generator, dtype=F64) * (16 / hidden) ** 0.5,
-    }
-    x = torch.randn(steps, 2, 2, generator=generator, dtype=F64)
+    weights, x = chaotic_elman()
     narrow = gl.Model(gl.Elman(weights).to(torch.float32)).trace(x.float())
-    out_grads = torch.randn(steps, 2, hidden, generator=generator, dtype=F64)
+    out_grads = _randn(*narrow.output.shape, seed=14)
     cm = gl.credit(narrow, out_grads.float())
     message = r"gradient overflowed float32 flowing back through l0: .* step index \d+ .*float64"
     for field in ("total", "by_source", "by_lag", "norms", "path_shares"):

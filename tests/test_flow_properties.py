@@ -106,42 +106,25 @@ class ModelSpec:
 
 
 def build_cell(spec: CellSpec, inputs: int) -> gl.Cell:
-    if spec.kind == "GRU":
-        cell = gl.GRU.random(
-            inputs,
-            spec.hidden,
-            reset=spec.reset,
-            update=spec.update,
-            gate=spec.gate,
-            candidate=spec.candidate,
-            bias=spec.bias,
-            seed=spec.seed,
-            dtype=F64,
-        )
-        weights = {k: w * spec.scale for k, w in cell.weights.items()}
-        if spec.bias:
-            weights["b_iz"] = weights["b_iz"] + spec.z_offset
-            weights["b_ir"] = weights["b_ir"] + spec.r_offset
-        return gl.GRU(weights, reset=spec.reset, update=spec.update, gate=spec.gate, candidate=spec.candidate)
+    """The cell a spec describes: random weights × ``scale``, the z (LSTM: f) and r bias offsets added."""
     if spec.kind == "Elman":
         cell = gl.Elman.random(
             inputs, spec.hidden, nonlinearity=spec.candidate, bias=spec.bias, seed=spec.seed, dtype=F64
         )
         return gl.Elman({k: w * spec.scale for k, w in cell.weights.items()}, nonlinearity=spec.candidate)
-    cell = gl.LSTM.random(
-        inputs,
-        spec.hidden,
-        projection=spec.projection,
-        gate=spec.gate,
-        candidate=spec.candidate,
-        bias=spec.bias,
-        seed=spec.seed,
-        dtype=F64,
-    )
-    weights = {k: w * spec.scale for k, w in cell.weights.items()}
+    options: dict[str, Any] = {"gate": spec.gate, "candidate": spec.candidate}
+    drawn = {"bias": spec.bias, "seed": spec.seed, "dtype": F64}
+    if spec.kind == "GRU":
+        options |= {"reset": spec.reset, "update": spec.update}
+        random: gl.Cell = gl.GRU.random(inputs, spec.hidden, **drawn, **options)
+        offsets = {"b_iz": spec.z_offset, "b_ir": spec.r_offset}
+    else:
+        random = gl.LSTM.random(inputs, spec.hidden, projection=spec.projection, **drawn, **options)
+        offsets = {"b_if": spec.z_offset}
+    weights = {k: w * spec.scale for k, w in random.weights.items()}
     if spec.bias:
-        weights["b_if"] = weights["b_if"] + spec.z_offset
-    return gl.LSTM(weights, gate=spec.gate, candidate=spec.candidate)
+        weights |= {name: weights[name] + offset for name, offset in offsets.items()}
+    return type(random)(weights, **options)  # type: ignore[call-arg]
 
 
 def rec_name(spec: ModelSpec, layer: int, direction: int) -> str:
@@ -195,42 +178,31 @@ def build(spec: ModelSpec) -> Case:
 # The oracle.
 
 
-class _Sigmoid(torch.autograd.Function):
-    """σ(a) with σ'(a) = σ(a)·σ(−a) formed from a: exact to rounding where σ ≈ 1 (torch's y(1 − y) is 0 there)."""
+def _with_exact_slope(function: Callable[[Tensor], Tensor], slope: Callable[[Tensor], Tensor]) -> type:
+    """An autograd Function computing ``function(a)`` whose backward uses ``slope(a)``, formed from a (torch's own
+    derivatives are written from the output y and cancel where y saturates)."""
 
-    generate_vmap_rule = True
+    class ExactSlope(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(a: Tensor) -> Tensor:
-        return torch.sigmoid(a)
+        @staticmethod
+        def forward(a: Tensor) -> Tensor:
+            return function(a)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+            ctx.save_for_backward(inputs[0])
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (a,) = ctx.saved_tensors
-        return grad * torch.sigmoid(a) * torch.sigmoid(-a)
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> Tensor:
+            (a,) = ctx.saved_tensors
+            return grad * slope(a)
+
+    return ExactSlope
 
 
-class _Tanh(torch.autograd.Function):
-    """tanh(a) with tanh'(a) = 1/cosh²(a) formed from a: exact to rounding where tanh ≈ ±1 (1 − y² is not)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(a: Tensor) -> Tensor:
-        return torch.tanh(a)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (a,) = ctx.saved_tensors
-        return grad / torch.cosh(a).square()
+_Sigmoid = _with_exact_slope(torch.sigmoid, lambda a: torch.sigmoid(a) * torch.sigmoid(-a))  # σ' = σ(a)·σ(−a)
+_Tanh = _with_exact_slope(torch.tanh, lambda a: torch.cosh(a).square().reciprocal())  # tanh' = 1/cosh²(a)
 
 
 def activation(name: str, a: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch.func import jacrev
 
 import gatelens as gl
+from tests.cell_configs import chaotic_elman
 
 F64 = torch.float64
 
@@ -85,13 +86,8 @@ def test_a_chaotic_float32_network_has_a_finite_exact_log_profile() -> None:
     W_hh ~ N(0, 16/H), T = 400) gave inf/NaN wherever ‖∂h_t/∂x_{t−ℓ}‖ left float32's range (about e^{±88}) while
     propagation of the same trace stayed finite. Oracle: raw products in float64 (whose range holds e^{160}) of the
     per-step Jacobians written from the formula."""
-    hidden, steps = 64, 400
-    generator = torch.Generator().manual_seed(0)
-    weights = {
-        "W_ih": torch.randn(hidden, 2, generator=generator, dtype=F64),
-        "W_hh": torch.randn(hidden, hidden, generator=generator, dtype=F64) * (16 / hidden) ** 0.5,
-    }
-    x = torch.randn(steps, 2, 2, generator=generator, dtype=F64)
+    weights, x = chaotic_elman()
+    steps, hidden = x.shape[0], weights["W_hh"].shape[0]
     cell = gl.Elman(weights)
     narrow = gl.Model(cell.to(torch.float32)).trace(x.float())
     wide = gl.Model(cell).trace(x)
