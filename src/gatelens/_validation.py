@@ -58,6 +58,21 @@ def check_real(dtype: np.dtype | torch.dtype, name: str) -> None:
         raise TypeError(f"{name} must hold real numbers, got {holder} of dtype {dtype}")
 
 
+FLOAT64_ADVICE = "trace in float64 (model.to(torch.float64) and a float64 input; --dtype float64 on the command line)"
+
+
+def first_non_finite(values: Tensor, *, latest: bool = False) -> tuple[int, int] | None:
+    """The (step, sequence) of the first non-finite entry of ``values`` (T, B, …) in time order — or, with
+    ``latest``, the last, where a backward sweep first overflowed — or None when every entry is finite. ``values``
+    may also be the (T, B) boolean mask of the finite (step, sequence) pairs."""
+    finite = values if values.dtype == torch.bool else torch.isfinite(values).flatten(2).all(-1)  # (T, B)
+    if bool(finite.all()):
+        return None
+    bad = torch.nonzero(~finite)  # in time order
+    step, sequence = bad[int(bad[:, 0].argmax())] if latest else bad[0]
+    return int(step), int(sequence)
+
+
 def check_finite(value: Tensor, name: str) -> None:
     """Raise if ``value`` holds NaN or Inf (one cheap reduction first, as scikit-learn does)."""
     if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gatelens._validation import as_float_tensor, as_lengths, check_finite, check_shape
+from gatelens._validation import (
+    FLOAT64_ADVICE,
+    as_float_tensor,
+    as_lengths,
+    check_finite,
+    check_shape,
+    first_non_finite,
+)
 from gatelens.cells.base import Cell, Clamp, stack_caches
 from gatelens.cells.stack import Stack
 from gatelens.trace import Recurrence, Trace, gather_time
@@ -356,17 +363,15 @@ def _check_states(name: str, states: Tensor, order: Tensor) -> None:
     Every analysis reads the states and the gates computed from them: past an overflow its Jacobians are 0 or NaN,
     which would read as a gradient that vanished. So a trace is only ever made of finite states.
     """
-    finite = torch.isfinite(states).all(-1)  # (T+1, B)
-    if bool(finite.all()):
+    found = first_non_finite(states)
+    if found is None:
         return
-    state, sequence = (int(i) for i in torch.nonzero(~finite)[0])
+    state, sequence = found
     step = state - 1  # states[i] is h_i, made by step index i − 1
     time = int(order[step, sequence])
     where = f"step index {step} (0-based)" + (f", which reads the input at time index {time}," if time != step else "")
     advice = "scale the weights or the inputs down" + (
-        ", or trace in float64 (model.to(torch.float64) and a float64 input; --dtype float64 on the command line)"
-        if states.dtype != torch.float64
-        else ""
+        f", or {FLOAT64_ADVICE}" if states.dtype != torch.float64 else ""
     )
     raise ValueError(
         f"the forward pass overflowed: the state of {name} is not finite (inf or NaN) at {where} of sequence "

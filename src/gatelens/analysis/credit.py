@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gatelens._validation import as_float_tensor, check_finite, check_shape
+from gatelens._validation import FLOAT64_ADVICE, as_float_tensor, check_finite, check_shape, first_non_finite
 from gatelens.analysis.norms import SAFE_RANGE, frobenius
 from gatelens.cells.base import Factor, check_choice
 from gatelens.trace import DIRECTIONS, Recurrence, Trace
@@ -315,28 +315,24 @@ def summed_adjoints(rec: Recurrence, g: Tensor) -> Tensor:
     for step in reversed(range(rec.steps - 1)):
         adjoint = g[..., step, :, :] + rec.state_vjp(adjoint, steps=step + 1)
         adjoints[..., step, :, :] = adjoint
-    finite = torch.isfinite(adjoints).all(-1)  # (..., T, B)
-    refuse_overflow(rec, finite.flatten(0, -3).all(0) if finite.dim() > 2 else finite, adjoints.dtype)
+    refuse_overflow(rec, adjoints.movedim((-3, -2), (0, 1)))  # (T, B, …, S)
     return adjoints
 
 
-def refuse_overflow(rec: Recurrence, finite: Tensor, dtype: torch.dtype) -> None:
-    """Raise if a backward sweep through ``rec`` overflowed: ``finite`` (T, B) marks the steps whose values stayed
-    finite; the error names the latest step that did not (where the sweep first overflowed) and its sequence.
+def refuse_overflow(rec: Recurrence, backward: Tensor) -> None:
+    """Raise if a backward sweep through ``rec`` overflowed: ``backward`` (T, B, …) holds what it carried, or is the
+    (T, B) mask of its finite steps; the error names the latest step that is not finite (where the sweep first
+    overflowed) and its sequence.
 
     Gradients that grow beyond the dtype's range come back as inf or NaN, which would read as a missing or vanished
     gradient; the exact value is not representable, so this is refused rather than reported.
     """
-    if bool(finite.all()):
+    found = first_non_finite(backward, latest=True)
+    if found is None:
         return
-    bad = torch.nonzero(~finite)
-    step, sequence = (int(i) for i in bad[int(bad[:, 0].argmax())])
-    name = str(dtype).removeprefix("torch.")
-    advice = (
-        "trace in float64 (model.to(torch.float64) and a float64 input; --dtype float64 on the command line)"
-        if dtype != torch.float64
-        else "scale the loss down, or analyse fewer steps"
-    )
+    step, sequence = found
+    name = str(rec.states.dtype).removeprefix("torch.")
+    advice = FLOAT64_ADVICE if rec.states.dtype != torch.float64 else "scale the loss down, or analyse fewer steps"
     raise ValueError(
         f"the gradient overflowed {name} flowing back through {rec.name}: it is not finite from step index {step} "
         f"(0-based) of sequence {sequence} backwards, because its true size exceeds the range of {name}; gatelens "
@@ -390,7 +386,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
         else:
             chains = rec.state_vjp(active, steps=step).transpose(0, 1)
     sums.flush()
-    refuse_overflow(rec, finite, g.dtype)
+    refuse_overflow(rec, finite)
     return ChainSweep(lag_sums=sums.sums, pair_norms=norms)
 
 
