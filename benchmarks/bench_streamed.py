@@ -5,7 +5,7 @@
 Each stage runs in a fresh process (so its peak resident memory is its own) on the same saved 2-layer nn.GRU and
 input: the trace (the forward pass, recorded once), the credit map's ∂L/∂θ for a many-to-one loss (one BPTT
 sweep), propagation and input influence over the first ``--max-lag`` lags (the log-scaled products), and Lyapunov
-exponents (k = 1, and k = 32 as explain follows them). The unit is one training step of the torch module on the same
+exponents (k = 1, the default k = 8, and k = 32). The unit is one training step of the torch module on the same
 batch: forward, MSE loss on the last output, backward. Stages after the trace include the trace's time.
 """
 
@@ -28,6 +28,7 @@ STAGES = {
     "propagation": lambda trace, lag: gl.propagation(trace, max_lag=lag),
     "input influence": lambda trace, lag: gl.input_influence(trace, max_lag=lag),
     "Lyapunov, k = 1": lambda trace, lag: gl.lyapunov(trace, k=1),
+    "Lyapunov, k = 8 (default)": lambda trace, lag: gl.lyapunov(trace),
     "Lyapunov, k = 32": lambda trace, lag: gl.lyapunov(trace, k=32),
 }
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import statistics
@@ -1069,12 +1068,12 @@ def test_explain_reports_exponents_beyond_the_numerical_rank() -> None:
     assert lyapunov["details"]["rank"] == [3] * EXPLAIN_B
 
 
-def test_explain_follows_the_top_exponents_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With more units than EXPLAIN_EXPONENTS, the finding follows the top ones and says so; λ₁ is the same."""
+def test_explain_follows_the_top_exponents_only() -> None:
+    """With more units than the k exponents followed, the finding follows the top ones and says so; λ₁ is the
+    same."""
     trace = gl.Model(_relu_with_units_off()).trace(_nonnegative_inputs(12, EXPLAIN_B))
     whole = _finding(gl.explain(trace), "lyapunov")
-    monkeypatch.setattr(importlib.import_module("gatelens.analysis.explain"), "EXPLAIN_EXPONENTS", 4)
-    top = _finding(gl.explain(trace), "lyapunov")
+    top = _finding(gl.explain(trace, k=4), "lyapunov")
     assert top.value == whole.value and top.details["exponents_followed"] == 4
     assert top.details["rank"] == [3] * EXPLAIN_B
     assert "only 3 of the 4 exponents followed (of 5) are finite and the other 1 is −inf" in top.text

@@ -175,7 +175,8 @@ def test_analyze_writes_results_figures_and_report(tmp_path: Path, capsys: pytes
     np.testing.assert_allclose(result["credit"]["total"]["l0.W_hz"], expected["weight_hh_l0"][H : 2 * H], rtol=1e-10)
     (part,) = result["recurrences"].values()  # a unidirectional stack is one recurrence
     assert {"regimes", "propagation", "local_gradients", "lyapunov"} <= set(part)
-    assert len(part["lyapunov"]["exponents"]) == B and len(part["lyapunov"]["exponents"][0]) == 2 * H
+    exponents = part["lyapunov"]["exponents"]
+    assert len(exponents) == B and len(exponents[0]) == min(gl.analysis.pipeline.EXPONENTS, 2 * H)
     topics = {finding["topic"] for finding in result["explanation"]["findings"]}
     assert topics == {"regimes", "timescales", "horizon", "blocking", "local gradients", "lyapunov"}
     pngs = sorted(path.name for path in out.glob("*.png"))

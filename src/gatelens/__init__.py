@@ -8,10 +8,12 @@ paths = trace.jacobian_paths(layer=0)       # {"carry", "update", "candidate", "
 cm = gl.credit(trace, loss="last", head=head, targets=y)   # cm.total, cm.by_source, cm.by_lag, cm.norms
 pr = gl.propagation(trace)                  # log‖∂h_T/∂h_{T−ℓ}‖ for every lag ℓ; pr.horizon(eps=1e-3)
 rg = gl.regimes(trace)                      # carry / blocked / Elman-like / mixed per unit and step; timescales
-print(gl.explain(trace))                    # findings in plain language, each with its number
+an = gl.analyze(trace)                      # every analysis once: an.recurrences, an.credit, an.blocking
+print(an.explanation)                       # findings in plain language, each with its number
 """
 
 from gatelens.analysis import (
+    Analysis,
     Blocking,
     CreditMap,
     Explanation,
@@ -20,6 +22,8 @@ from gatelens.analysis import (
     Lyapunov,
     Propagation,
     Regimes,
+    Settings,
+    analyze,
     blocking,
     credit,
     explain,
@@ -41,6 +45,7 @@ from gatelens.trace import Recurrence, Trace
 __all__ = [
     "GRU",
     "LSTM",
+    "Analysis",
     "Blocking",
     "Cell",
     "CreditMap",
@@ -55,8 +60,10 @@ __all__ = [
     "Propagation",
     "Recurrence",
     "Regimes",
+    "Settings",
     "Stack",
     "Trace",
+    "analyze",
     "blocking",
     "credit",
     "explain",

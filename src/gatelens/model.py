@@ -24,7 +24,7 @@ from gatelens._validation import (
     check_shape,
     first_non_finite,
 )
-from gatelens.cells.base import Cell, Clamp, stack_caches
+from gatelens.cells.base import Cell, Clamp, cache_tensors, preallocated_cache
 from gatelens.cells.stack import Stack
 from gatelens.trace import Recurrence, Trace, gather_time
 
@@ -343,18 +343,22 @@ def _record(
 ) -> Recurrence:
     """Run one recurrence step by step, keeping every state and the gates of every step; ``clamp`` holds (T, B, U)
     values and masks per gate. A state that overflows (inf or NaN) is refused: see :func:`_check_states`."""
-    states, caches = [state], []
-    for step in range(inputs.shape[0]):
+    steps = inputs.shape[0]
+    states = state.new_empty((steps + 1, *state.shape))
+    states[0] = state
+    caches: Any = None
+    for step in range(steps):
         step_clamp = None if clamp is None else {gate: (v[step], w[step]) for gate, (v, w) in clamp.items()}
         new_state, cache = cell.step(inputs[step], state, step_clamp)
         if mask is not None:  # past a sequence's end the state is carried unchanged
             new_state = torch.where(mask[step, :, None], new_state, state)
-        states.append(new_state)
-        caches.append(cache)
+        states[step + 1] = new_state
+        caches = preallocated_cache(cache, steps) if caches is None else caches
+        for stored, value in zip(cache_tensors(caches), cache_tensors(cache)):
+            stored[step] = value
         state = new_state
-    stacked = torch.stack(states)
-    _check_states(name, stacked, order)
-    return Recurrence(name=name, cell=cell, states=stacked, cache=stack_caches(caches), mask=mask, input_index=order)
+    _check_states(name, states, order)
+    return Recurrence(name=name, cell=cell, states=states, cache=caches, mask=mask, input_index=order)
 
 
 def _check_states(name: str, states: Tensor, order: Tensor) -> None:

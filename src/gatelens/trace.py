@@ -11,7 +11,7 @@ nothing to any parameter gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import as_index
-from gatelens.cells.base import Cell, Clamp, Factor, map_cache
+from gatelens.cells.base import Cell, Clamp, Factor, FactorEnergy, NormBounds, map_cache
 from gatelens.cells.stack import Stack
 
 if TYPE_CHECKING:
@@ -131,12 +131,45 @@ class Recurrence:
         paths["padding"] = torch.where(keep, 0.0, self._identity(next(iter(paths.values()))))
         return paths
 
-    def state_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
-        """v · J for the chosen steps; v has shape (..., [T,] B, S) with any extra leading dimensions."""
+    def path_vjps(self, v: Tensor, steps: Steps = None) -> dict[str, Tensor]:
+        """v · P_p for every path of :meth:`jacobian_paths`, without forming them (:meth:`Cell.path_vjps`); v has shape
+        (..., [T,] B, S). With padding, the ``"padding"`` path carries v · I = v on the masked steps, where every other
+        path is zero."""
         cache, mask, lead = self._select(steps)
         self._check_adjoint(v, lead)
-        result = self.cell.state_vjp(cache, v)
+        vjps = self.cell.path_vjps(cache, v)
+        if mask is None:
+            return vjps
+        keep = mask[..., None]
+        vjps = {name: torch.where(keep, vjp, 0.0) for name, vjp in vjps.items()}
+        vjps["padding"] = torch.where(keep, 0.0, v)
+        return vjps
+
+    def state_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
+        """v · J for the chosen steps; v has shape (..., [T,] B, S) with any extra leading dimensions."""
+        return self._state_product(self.cell.state_vjp, v, steps)
+
+    def state_jvp(self, v: Tensor, steps: Steps = None) -> Tensor:
+        """J · v for the chosen steps, without forming J; v has shape (..., [T,] B, S) with any extra leading
+        dimensions."""
+        return self._state_product(self.cell.state_jvp, v, steps)
+
+    def _state_product(self, product: Callable[[Any, Tensor], Tensor], v: Tensor, steps: Steps) -> Tensor:
+        """product(cache, v) for the chosen steps, and v itself on padded steps (their Jacobian is I)."""
+        cache, mask, lead = self._select(steps)
+        self._check_adjoint(v, lead)
+        result = product(cache, v)
         return result if mask is None else torch.where(mask[..., None], result, v)
+
+    def jacobian_norm_bounds(self, steps: Steps = None) -> NormBounds:
+        """L ≤ ‖J[i]‖_F ≤ U for the chosen steps, shape (T, B) each, from the cell's structure without forming J
+        (:meth:`Cell.jacobian_norm_bounds`); √S, exactly, on padded steps (J = I)."""
+        cache, mask, _ = self._select(steps)
+        bounds = self.cell.jacobian_norm_bounds(cache)
+        if mask is None:
+            return bounds
+        identity = self.cell.state_size**0.5
+        return NormBounds(*(torch.where(mask, bound, identity) for bound in bounds))
 
     def input_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
         """v · ∂h_{i+1}/∂x_{i+1} for the chosen steps (zero on padded steps)."""
@@ -154,6 +187,16 @@ class Recurrence:
         """:meth:`param_vjp` in factored form (see :class:`~gatelens.cells.Factor`), zero on padded steps."""
         cache, v = self._parameter_adjoint(v, steps)
         return self.qualify(self.cell.param_factors(cache, v))
+
+    def param_energies(self, steps: Steps = None) -> dict[str, FactorEnergy]:
+        """Every weight block's Σ_j ‖δ(e_j)‖² over the one-hots e_j on h_{i+1} and its input u, for the chosen steps
+        (:meth:`Cell.param_energies`), keyed by the model's block names: ‖∂⁺h_{i+1}/∂θ‖_F² = adjoint · ‖u‖² (a bias:
+        adjoint). Zero on padded steps."""
+        cache, mask, _ = self._select(steps)
+        energies = self.qualify(self.cell.param_energies(cache))
+        if mask is None:
+            return energies
+        return {name: FactorEnergy(torch.where(mask, e.adjoint, 0.0), e.inputs) for name, e in energies.items()}
 
     def _parameter_adjoint(self, v: Tensor, steps: Steps) -> tuple[Any, Tensor]:
         """The chosen steps' cache and v, zeroed on padded steps (they contribute to no parameter)."""

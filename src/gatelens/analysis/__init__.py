@@ -2,15 +2,17 @@
 
 from gatelens.analysis.blocking import Blocking, BlockingEvent, blocking, probe_credits
 from gatelens.analysis.credit import CreditMap, credit
-from gatelens.analysis.explain import Explanation, Finding, explain
+from gatelens.analysis.explain import Explanation, Finding
 from gatelens.analysis.influence import InputInfluence, input_influence
 from gatelens.analysis.local import LocalGradients, local_gradients
 from gatelens.analysis.lyapunov import Lyapunov, lyapunov
+from gatelens.analysis.pipeline import Analysis, Settings, analyze, explain
 from gatelens.analysis.propagation import Propagation, propagation
 from gatelens.analysis.regimes import Regimes, regimes
 from gatelens.analysis.whatif import what_if
 
 __all__ = [
+    "Analysis",
     "Blocking",
     "BlockingEvent",
     "CreditMap",
@@ -21,6 +23,8 @@ __all__ = [
     "Lyapunov",
     "Propagation",
     "Regimes",
+    "Settings",
+    "analyze",
     "blocking",
     "credit",
     "explain",

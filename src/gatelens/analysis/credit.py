@@ -46,6 +46,7 @@ from gatelens.trace import DIRECTIONS, Recurrence, Trace
 
 LOSSES = ("last", "all")
 CHUNK_ELEMENTS = 1 << 24  # elements per buffered chunk of work (64 MiB in float32)
+FACTOR_TEMPORARIES = 16  # (steps, B, S) tensors that param_factors forms at once, about
 JACOBIAN_CHAINS = 4  # from this many active chains on, forming the step's Jacobian beats the state VJP
 
 
@@ -61,6 +62,7 @@ class CreditMap:
     trace: Trace
     out_grads: Tensor
     streams: tuple[tuple[Recurrence, Tensor], ...]
+    loss_steps: Tensor | None = None  # the loss steps kept by :meth:`at_loss_steps` (None: the loss as given)
 
     @cached_property
     def adjoints(self) -> dict[str, Tensor]:
@@ -69,12 +71,15 @@ class CreditMap:
 
     @cached_property
     def total(self) -> dict[str, Tensor]:
-        """∂L/∂θ = Σ_{t,k} C(t, k) for every block."""
-        return {
-            name: factor.contract(batch_dims=2)  # steps and sequences at once: no (T, *shape) intermediate
-            for rec, _ in self.streams
-            for name, factor in rec.param_factors(self.adjoints[rec.name]).items()
-        }
+        """∂L/∂θ = Σ_{t,k} C(t, k) for every block, a chunk of source steps at a time (each chunk's steps and
+        sequences contracted at once: no (T, *shape) intermediate)."""
+        totals: dict[str, Tensor] = {}
+        for rec, _ in self.streams:
+            for window in _step_chunks(rec):
+                for name, factor in rec.param_factors(self.adjoints[rec.name][window], steps=window).items():
+                    part = factor.contract(batch_dims=2)
+                    totals[name] = totals[name] + part if name in totals else part
+        return totals
 
     @cached_property
     def by_source(self) -> dict[str, Tensor]:
@@ -83,9 +88,21 @@ class CreditMap:
 
     @cached_property
     def by_lag(self) -> dict[str, Tensor]:
-        """‖Σ_{t−k=τ} C(t, k)‖_F for every lag τ = 0..T−1: (T,) per block."""
+        """‖Σ_{t−k=τ} C(t, k)‖_F for every lag τ = 0..T−1: (T,) per block.
+
+        A recurrence whose loss sits at one step t₀ alone (many-to-one) has one contribution per lag, and the BPTT
+        adjoint is its only chain, so the lag profile is ‖C(t₀, t₀ − τ)‖_F = ‖by_source[t₀ − τ]‖_F, formed a chunk
+        of source steps at a time: O(T) memory per block. Otherwise the lag sums Σ_{t−k=τ} C(t, k) are
+        accumulated, O(T · |θ|) per block."""
         norms: dict[str, Tensor] = {}
         for rec, g in self.streams:
+            loss_steps = _loss_steps(g)
+            if len(loss_steps) == 1:
+                norms |= {
+                    name: _by_lag_of_one_row(row, int(loss_steps[0]))
+                    for name, row in _source_norms(rec, self.adjoints[rec.name]).items()
+                }
+                continue
             sums = chain_sweep(rec, g, lag_sums=True).lag_sums
             norms |= {name: frobenius(total, dims=total.dim() - 1) for name, total in sums.items()}
         return self._every_block(norms, self.out_grads.shape[:1])
@@ -94,9 +111,23 @@ class CreditMap:
     def norms(self) -> dict[str, Tensor]:
         """‖C(t, k)‖_F for every loss step t (rows) and source step k (columns): (T, T) per block."""
         norms: dict[str, Tensor] = {}
+        for name, (loss_steps, rows) in self.norm_rows.items():
+            norms[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
+            norms[name][loss_steps] = rows
+        return norms
+
+    @cached_property
+    def norm_rows(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The rows of :attr:`norms` that can be nonzero, per block: the loss steps t of its recurrence (L,), in its
+        own step order, and ‖C(t, k)‖_F for those t and every k, (L, T): O(L · T) memory instead of O(T²)."""
+        rows: dict[str, tuple[Tensor, Tensor]] = {}
         for rec, g in self.streams:
-            norms |= chain_sweep(rec, g, pair_norms=True).pair_norms
-        return self._every_block(norms, self.out_grads.shape[:1] * 2)
+            sweep = chain_sweep(rec, g, pair_norms=True)
+            rows |= {name: (sweep.loss_steps, values) for name, values in sweep.pair_norms.items()}
+        steps = len(self.out_grads)
+        none = (torch.zeros(0, dtype=torch.long, device=self.out_grads.device), self.out_grads.new_zeros(0, steps))
+        ordered = self._every_block(rows, (0,))  # checks the names, in the model's block order
+        return {name: rows.get(name, none) for name in ordered}
 
     def _every_block(self, results: dict[str, Tensor], shape: tuple[int, ...]) -> dict[str, Tensor]:
         """Every block of the model in its order, zeros for the blocks of a recurrence no loss step reaches.
@@ -124,6 +155,14 @@ class CreditMap:
         for rec, _ in self.streams:
             shares |= path_shares(rec, self.adjoints[rec.name])
         return shares
+
+    def at_loss_steps(self, steps: Tensor) -> CreditMap:
+        """The credit map of the same loss kept at the loss steps ``steps`` (0-based, in the outputs' time) alone:
+        its rows t of ``norms`` are this map's rows, exactly, since C(t, k) depends on g_t alone."""
+        kept = torch.zeros_like(self.out_grads)
+        kept[steps] = self.out_grads[steps]
+        streams = tuple(_streams(self.trace, kept))
+        return CreditMap(trace=self.trace, out_grads=kept, streams=streams, loss_steps=torch.unique(steps.cpu()))
 
     def to_dict(self) -> dict[str, Any]:
         """The results computed so far (``total`` always) as nested lists, ready for JSON."""
@@ -340,12 +379,44 @@ def refuse_overflow(rec: Recurrence, backward: Tensor) -> None:
     )
 
 
+def _step_chunks(rec: Recurrence, per_step: int = 0) -> list[slice]:
+    """Consecutive slices of steps, each with at most CHUNK_ELEMENTS elements of the parameter factors' temporaries
+    (FACTOR_TEMPORARIES tensors of (steps, B, S)) or of a (steps, per_step) tensor."""
+    batch, size = rec.states.shape[1:]
+    chunk = max(1, CHUNK_ELEMENTS // max(FACTOR_TEMPORARIES * batch * size, per_step))
+    return [slice(start, min(start + chunk, rec.steps)) for start in range(0, rec.steps, chunk)]
+
+
+def _source_norms(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
+    """‖Σ_b δ_bᵀ ⊗ u_b‖_F at every source step k, (T,) per block: the norms of by_source, a chunk at a time."""
+    parts: dict[str, list[Tensor]] = {}
+    every_block = sum(weight.numel() for weight in rec.cell.weights.values())  # param_vjp forms them all at once
+    for window in _step_chunks(rec, every_block):
+        for name, grad in rec.param_vjp(adjoints[window], steps=window).items():
+            parts.setdefault(name, []).append(frobenius(grad.flatten(1), dims=1))
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _loss_steps(g: Tensor) -> Tensor:
+    """The steps i at which g (T, B, S) enters the states: g[i] ≠ 0."""
+    return torch.nonzero(g.flatten(1).abs().amax(1) > 0).flatten()
+
+
+def _by_lag_of_one_row(row: Tensor, step: int) -> Tensor:
+    """The lag profile of a loss at one step: by_lag[τ] = row[step − τ] for τ ≤ step, 0 beyond."""
+    profile = row.new_zeros(row.shape)
+    profile[: step + 1] = row[: step + 1].flip(0)
+    return profile
+
+
 @dataclass(frozen=True)
 class ChainSweep:
-    """What one all-chains sweep collected: Σ_{t−k=τ} C(t, k) per lag (T, *shape), ‖C(t, k)‖_F (T, T)."""
+    """What one all-chains sweep collected: Σ_{t−k=τ} C(t, k) per lag (T, *shape); ‖C(t, k)‖_F for the loss steps t
+    (rows, ``loss_steps``) and every source step k: (loss steps, T)."""
 
     lag_sums: dict[str, Tensor]
     pair_norms: dict[str, Tensor]
+    loss_steps: Tensor
 
 
 def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norms: bool = False) -> ChainSweep:
@@ -356,7 +427,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
     for this step only, one batched product) when there are many chains, or through the state VJP when few.
     """
     steps = rec.steps
-    loss_steps = torch.nonzero(g.flatten(1).abs().amax(1) > 0).flatten()
+    loss_steps = _loss_steps(g)
     loss_steps_cpu = loss_steps.tolist()
     chains = g.new_zeros(g.shape[1], 0, g.shape[2])  # (B, active chains, S), ordered by loss step
     sums = LagSums(steps)
@@ -377,8 +448,8 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
         if pair_norms:
             for name, norm in chain_norms(factors).items():
                 if name not in norms:
-                    norms[name] = norm.new_zeros(steps, steps)
-                norms[name][loss_steps[first:], step] = norm
+                    norms[name] = norm.new_zeros(len(loss_steps), steps)
+                norms[name][first:, step] = norm
         if not step:
             break
         if chains.shape[1] >= JACOBIAN_CHAINS:
@@ -387,7 +458,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
             chains = rec.state_vjp(active, steps=step).transpose(0, 1)
     sums.flush()
     refuse_overflow(rec, finite)
-    return ChainSweep(lag_sums=sums.sums, pair_norms=norms)
+    return ChainSweep(lag_sums=sums.sums, pair_norms=norms, loss_steps=loss_steps)
 
 
 Group = tuple[Tensor, list[tuple[str, Tensor | None]]]
@@ -530,15 +601,17 @@ def chain_norms(factors: dict[str, Factor]) -> dict[str, Tensor]:
 
 
 def path_shares(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
-    """‖ā_{i+1} P_p[i]‖_F / Σ_q ‖ā_{i+1} P_q[i]‖_F for every path p, (T,) each; 0 where no adjoint arrives."""
+    """‖ā_{i+1} P_p[i]‖_F / Σ_q ‖ā_{i+1} P_q[i]‖_F for every path p, (T,) each; 0 where no adjoint arrives.
+
+    The products ā P_p come from the cell without forming P_p (:meth:`Recurrence.path_vjps`)."""
     batch, size = adjoints.shape[1:]
+    # a cell without matrix-free path products forms its paths: bound them, (C, B, S, S) per path
     chunk = max(1, CHUNK_ELEMENTS // (batch * size * size * (len(rec.cell.path_names) + 1)))
     flows: dict[str, list[Tensor]] = {}
     for start in range(0, rec.steps, chunk):
         window = slice(start, min(start + chunk, rec.steps))
-        v = adjoints[window].unsqueeze(-2)  # (C, B, 1, S)
-        for name, path in rec.jacobian_paths(steps=window).items():
-            flows.setdefault(name, []).append(frobenius((v @ path).flatten(1), dims=1))
+        for name, vjp in rec.path_vjps(adjoints[window], steps=window).items():
+            flows.setdefault(name, []).append(frobenius(vjp.flatten(1), dims=1))
     norms = {name: torch.cat(parts) for name, parts in flows.items()}
     total = torch.stack(list(norms.values())).sum(0)
     safe = torch.where(total > 0, total, 1.0)

@@ -1,10 +1,11 @@
 """A plain-language account of one model on one batch: a short list of findings, each with its number.
 
-``explain`` runs every analysis on a trace and turns the results into findings:
+:func:`explanation_of` turns the results of :func:`gatelens.analyze` into findings (``gl.explain(trace)`` runs
+the analyses and returns them):
 
     regimes          share of unit-steps that carry, are blocked, are Elman-like or mixed      (regimes)
     timescales       long-term and short-term units by τ = 1 / (1 − c̄)                         (regimes)
-    horizon          the lag at which ‖∂h_T/∂h_{T−ℓ}‖₂ falls below eps                         (propagation)
+    horizon          the lag at which ‖∂h_T/∂h_{T−ℓ}‖₂ falls below eps, or not within max_lag  (propagation)
     blocking         steps with collapsed Jacobian rows, and what survives of each gradient    (blocking, credit)
     local gradients  the largest ‖∂⁺h_k/∂θ‖_F of one block θ beside θ's own median, and the   (local_gradients)
                      norm over all blocks together with its own median, p95 and max
@@ -14,34 +15,33 @@
 Estimates over fewer than SHORT_TRACE = 100 steps are called short in the text: the Lyapunov exponents are
 averaged from h_0 with no warm-up, so over a few dozen steps the transient from the initial state is part of them,
 and a horizon that is not reached within T steps says nothing about longer lags. The Lyapunov finding follows the
-top min(S, EXPLAIN_EXPONENTS) exponents, so a rank deficit shows where the rank is below that number.
+top min(S, k) exponents the analysis computed, so a rank deficit shows where the rank is below that number.
 
 A unidirectional model is explained as one recurrence (all layers together); a bidirectional one per layer and
-direction. Each finding keeps its supporting numbers in ``details``; ``to_dict`` gives JSON and ``render`` text.
+direction. A stage that was not run has no finding. Each finding keeps its supporting numbers in ``details``;
+``to_dict`` gives JSON and ``render`` text.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from gatelens.analysis.blocking import Blocking, blocking
-from gatelens.analysis.credit import CreditMap
-from gatelens.analysis.local import local_gradients
-from gatelens.analysis.lyapunov import lyapunov
-from gatelens.analysis.propagation import propagation
-from gatelens.analysis.regimes import REGIMES, check_thresholds, regimes
+from gatelens.analysis.blocking import Blocking
+from gatelens.analysis.local import LocalGradients
+from gatelens.analysis.lyapunov import Lyapunov
+from gatelens.analysis.propagation import Propagation
+from gatelens.analysis.regimes import REGIMES
 from gatelens.analysis.serialize import json_number
-from gatelens.trace import DIRECTIONS, Trace
+from gatelens.trace import Trace
 
-HORIZON_LAGS = 64  # lags of the first propagation sweep for the horizon; grown fourfold as needed
+if TYPE_CHECKING:
+    from gatelens.analysis.pipeline import Analysis
+
 SHORT_TRACE = 100  # fewer steps than this: the Lyapunov estimate and an unreached horizon are called short
-EXPLAIN_EXPONENTS = 32  # Lyapunov exponents followed (all of them for S ≤ 32): enough to see a rank deficit
 CANCELLATION = 1e-6  # ‖G_across‖/‖G‖ above 1 + this is a cancellation, not a ratio of equal norms with round-off
 
 
@@ -88,42 +88,23 @@ class Explanation:
         return self.render()
 
 
-def explain(
-    trace: Trace,
-    credit: CreditMap | Mapping[str, CreditMap] | None = None,
-    *,
-    thresholds: float | tuple[float, float] = (0.1, 0.9),
-    eps: float = 1e-3,
-    tol: float = 0.1,
-    seed: int = 0,
-) -> Explanation:
-    """Findings about ``trace`` (module docstring). ``credit``: the credit map(s) of the user's loss, used for
-    the blocking findings; default: the many-to-one and many-to-many probe losses of
-    :func:`gatelens.analysis.blocking.probe_credits` drawn from ``seed``."""
-    if not isinstance(trace, Trace):
-        raise TypeError(f"explain needs a Trace (from model.trace(x)), got {type(trace).__name__}")
-    check_thresholds(thresholds)
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.number)) or not 0 < eps < 1:
-        raise ValueError(f"eps must be a number in (0, 1) (a norm below which the flow counts as gone), got {eps!r}")
+def explanation_of(analysis: Analysis) -> Explanation:
+    """The findings of one :class:`~gatelens.analysis.pipeline.Analysis`, in the order of the module docstring."""
+    trace = analysis.trace
     dtype = str(trace.output.dtype).removeprefix("torch.")
-    findings = _blocking_findings(blocking(trace, credit, tol=tol, seed=seed), dtype)  # checks credit and tol first
-    for layer, direction in _parts(trace):
-        regime = regimes(trace, thresholds, layer=layer, direction=direction)
-        findings += [_regime_finding(regime), _timescale_finding(regime)]
-        findings.append(_horizon_finding(trace, layer, direction, float(eps)))
-        findings.append(_local_finding(trace, layer, direction))
-        findings.append(_lyapunov_finding(trace, layer, direction))
+    findings = [] if analysis.blocking is None else _blocking_findings(analysis.blocking, dtype)
+    for part in analysis.recurrences:
+        if part.regimes is not None:
+            findings += [_regime_finding(part.regimes), _timescale_finding(part.regimes)]
+        if part.propagation is not None:
+            findings.append(_horizon_finding(trace, part.propagation, analysis.settings.eps))
+        if part.local is not None:
+            findings.append(_local_finding(part.local))
+        if part.lyapunov is not None:
+            findings.append(_lyapunov_finding(part.lyapunov, trace.recurrence(part.layer, part.direction).cell))
     order = ["regimes", "timescales", "horizon", "blocking", "local gradients", "lyapunov"]
     findings.sort(key=lambda f: order.index(f.topic))
     return Explanation(model=repr(trace.model), findings=findings)
-
-
-def _parts(trace: Trace) -> list[tuple[int | None, str | None]]:
-    """The recurrences explained: the whole unidirectional model, or each layer and direction."""
-    model = trace.model
-    if not model.bidirectional:
-        return [(None, None)]
-    return [(layer, direction) for layer in range(model.num_layers) for direction in DIRECTIONS]
 
 
 def _percent(share: float) -> str:
@@ -165,29 +146,27 @@ def _steps(value: float) -> str:
     return "∞ steps" if math.isinf(value) else f"{value:.1f} steps"
 
 
-def _horizon_finding(trace: Trace, layer: int | None, direction: str | None, eps: float) -> Finding:
+def _horizon_finding(trace: Trace, result: Propagation, eps: float) -> Finding:
     """The horizon from each sequence's own last step L_b (0 < eps < 1).
 
     Steps past a sequence's end are identities, so from the last step T the first T − L_b lags of sequence b are
-    identity lags: its own horizon is the one from T minus T − L_b, and one anchor serves every sequence. Lags
-    are computed up to the longest padding plus a limit that grows fourfold until every sequence has fallen below
-    eps (or all T are done).
+    identity lags: its own horizon is the one from T minus T − L_b, and one anchor serves every sequence. The
+    lags computed are those of ``result`` (up to max_lag past the longest padding, or until all are below eps).
     """
-    rec = trace.recurrence(layer, direction)
-    steps, batch = rec.input_index.shape
+    steps, batch = result.log_frobenius.shape[1] - 1, result.log_frobenius.shape[2]
     padding = steps - trace.lengths.cpu() if trace.lengths is not None else torch.zeros(batch, dtype=torch.long)
-    limit = int(padding.max()) + HORIZON_LAGS
-    while True:
-        from_end = propagation(trace, layer=layer, direction=direction, max_lag=min(limit, steps)).horizon(eps)[0]
-        if bool((from_end >= 0).all()) or limit >= steps:
-            break
-        limit = int(padding.max()) + 4 * (limit - int(padding.max()))
-    horizons = torch.where(from_end >= 0, (from_end.cpu() - padding).clamp_min(0), -1).tolist()
+    lags = int((~result.log_frobenius[0].isnan()).any(dim=1).sum()) - 1 - int(padding.max())
+    from_end = result.horizon(eps)[0].cpu()
+    horizons = torch.where(from_end >= 0, (from_end - padding).clamp_min(0), -1).tolist()
     reached = sorted(h for h in horizons if h >= 0)
     if not reached:
-        text = (
-            f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} at every lag of every sequence (T = {steps}): no vanishing "
+        within = (
             f"within {_count(steps, 'step')}"
+            if lags >= steps - int(padding.max())
+            else f"within the {_count(lags, 'lag')} computed (the cap max_lag; later lags were not computed)"
+        )
+        text = (
+            f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} at every lag of every sequence (T = {steps}): no vanishing {within}"
         )
         if steps < SHORT_TRACE:
             text += f"; with fewer than {SHORT_TRACE} steps the trace is too short to say whether it vanishes later"
@@ -199,13 +178,12 @@ def _horizon_finding(trace: Trace, layer: int | None, direction: str | None, eps
             f"‖∂h_T/∂h_(T−ℓ)‖ falls below {eps:g} after ℓ = {value:.0f} steps (median of the {len(reached)} of "
             f"{len(horizons)} sequences where it does; range {reached[0]}–{reached[-1]}; T = {steps})."
         )
-    return Finding("horizon", rec.name, text, value, {"eps": eps, "horizon": horizons})
+    return Finding("horizon", result.recurrence, text, value, {"eps": eps, "horizon": horizons})
 
 
-def _local_finding(trace: Trace, layer: int | None, direction: str | None) -> Finding:
+def _local_finding(result: LocalGradients) -> Finding:
     """The largest ‖∂⁺h_k/∂θ‖_F of one block θ beside the same block's median and p95 over steps, and the norm over
     all blocks together, ‖∂⁺h_k/∂θ_all‖_F = (Σ_θ ‖∂⁺h_k/∂θ‖_F²)^½, with its own median, p95 and max."""
-    result = local_gradients(trace, layer=layer, direction=direction)
     summary = result.summary()
     largest, overall = result.largest, summary["all"]
     block = summary[largest["block"]]
@@ -220,13 +198,11 @@ def _local_finding(trace: Trace, layer: int | None, direction: str | None) -> Fi
     return Finding("local gradients", result.recurrence, text, largest["value"], details)
 
 
-def _lyapunov_finding(trace: Trace, layer: int | None, direction: str | None) -> Finding:
+def _lyapunov_finding(result: Lyapunov, cell: Any) -> Finding:
     """λ₁ per sequence (the exponent of the first direction, Q_0 e_1 = e_1, as with k = 1), its upper median and
-    how many sequences have λ₁ > 0 and < 0; the rank (exponents not −inf) among the top k = min(S,
-    EXPLAIN_EXPONENTS); and whether the estimate is short (fewer than SHORT_TRACE steps, from h_0, no warm-up)."""
-    size = trace.recurrence(layer, direction).cell.state_size
-    k = min(size, EXPLAIN_EXPONENTS)
-    result = lyapunov(trace, k=k, layer=layer, direction=direction)
+    how many sequences have λ₁ > 0 and < 0; the rank (exponents not −inf) among the k exponents followed; and
+    whether the estimate is short (fewer than SHORT_TRACE steps, from h_0, no warm-up)."""
+    size, k = cell.state_size, result.exponents.shape[-1]
     per_sequence, ranks = result.exponents[:, 0].tolist(), result.rank.tolist()
     exponents, count = sorted(per_sequence), len(per_sequence)
     median = exponents[count // 2]  # the upper median: one singular sequence does not decide it

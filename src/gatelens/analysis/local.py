@@ -10,9 +10,11 @@ covector e_j on h_k, row j of ∂⁺h_k/∂θ is δ_jᵀ ⊗ u and
 
     ℓ_θ(k, b)² = Σ_j ‖δ_j‖² ‖u‖²       (a bias: Σ_j ‖δ_j‖²)
 
-so all S one-hot covectors go through the cell's parameter factors at once, for a chunk of steps at a time, and no
-(S × |θ|) matrix is formed. ``total`` is ‖∂⁺h_k/∂θ_all‖_F over every block together. Padded steps (past a
-sequence's end) have no local gradient; they are NaN and left out of every statistic.
+The cell sums Σ_j ‖δ_j‖² itself (:meth:`Cell.param_energies`), for a chunk of steps at a time, and no (S × |θ|)
+matrix is formed: the built-in cells in closed form (most adjoints are v ⊙ d for a per-unit gain d, so the sum is
+Σ_i d_i²), any other cell by sending the S one-hots through its parameter factors. ``total`` is ‖∂⁺h_k/∂θ_all‖_F over
+every block together. Padded steps (past a sequence's end) have no local gradient; they are NaN and left out of every
+statistic. Sums of squares are formed in float64, so no local gradient that float32 can hold is lost to squaring.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from gatelens.analysis.norms import frobenius
 from gatelens.analysis.serialize import json_list
 from gatelens.trace import Trace
 
-CHUNK_ELEMENTS = 1 << 24  # elements of one-hot adjoints formed at once (64 MiB in float32)
+CHUNK_ELEMENTS = 1 << 24  # elements of one-hot adjoints a cell without closed forms forms at once (64 MiB in float32)
 QUANTILES = {"median": 0.5, "p95": 0.95}
 
 
@@ -85,20 +87,14 @@ def local_gradients(trace: Trace, *, layer: int | None = None, direction: str | 
     steps, batch = rec.input_index.shape
     size = rec.cell.state_size
     widest = max(max(w.shape[0] for w in rec.cell.weights.values()), size)
-    chunk = max(1, CHUNK_ELEMENTS // (size * batch * widest))
-    one_hot = torch.eye(size, dtype=rec.states.dtype, device=rec.states.device)[:, None, None, :]
+    chunk = max(1, CHUNK_ELEMENTS // (size * batch * widest))  # bounds the one-hot adjoints of a generic cell
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, steps, chunk):
-        stop = min(steps, start + chunk)
-        covectors = one_hot.expand(size, stop - start, batch, size)
-        adjoint_norms: dict[int, Tensor] = {}  # blocks fed by one pre-activation share their adjoint
-        for name, (adjoint, inputs) in rec.param_factors(covectors, steps=slice(start, stop)).items():
-            if id(adjoint) not in adjoint_norms:
-                adjoint_norms[id(adjoint)] = frobenius(adjoint.movedim(0, -2), dims=2)  # (Σ_j ‖δ_j‖²)^½
-            norm = adjoint_norms[id(adjoint)]
+        for name, (energy, inputs) in rec.param_energies(steps=slice(start, min(steps, start + chunk))).items():
+            norm = energy.sqrt()  # (Σ_j ‖δ_j‖²)^½, in float64
             if inputs is not None:
                 norm = norm * frobenius(inputs, dims=1)
-            parts.setdefault(name, []).append(norm)
+            parts.setdefault(name, []).append(norm.to(rec.states.dtype))
     norms = {name: torch.cat(values) for name, values in parts.items()}
     if rec.mask is not None:
         norms = {name: torch.where(rec.mask, values, torch.nan) for name, values in norms.items()}

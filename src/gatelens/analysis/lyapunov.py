@@ -10,6 +10,10 @@ the dominant directions; they are only left out of the averages. λ_1 ≥ λ_2 �
 order of the columns, not sorted). Exponents are in nats per step: a product of Jacobians grows like e^{λ_1 ℓ}
 over ℓ steps, so λ_1 < 0 means gradients vanish at the rate −λ_1, and λ_1 ≈ 0 that they are carried.
 
+J_i Q_{i−1} is the cell's forward product (``state_jvp``) of Q's k columns at once, without forming J_i: k products
+with the recurrent weights per step and sequence, where forming J_i costs about S of them, and a stack's block
+K^1 J^0 a product of two layer-sized matrices (J_i is formed only at the rare steps described below).
+
 Numerical rank. Where J_i Q_{i−1} is rank-deficient, the R_i[j, j] beyond its rank are roundoff, and their log
 (−37 in float64, say) is no growth rate: the exact value is log 0 = −inf. A diagonal entry counts as zero when
 
@@ -26,13 +30,22 @@ followed.
 
 Finite-time exponents are the same averages over consecutive windows of the counted steps; their spread gives a
 standard error for λ (the batch-means method), and ``running`` holds the estimate after every step, so whether
-the exponents have converged can be read off both. Nothing is stored beyond Q: the Jacobians are formed a chunk of
-steps at a time.
+the exponents have converged can be read off both.
+
+The test needs ‖J_i‖_F without J_i. The cell bounds it from its structure, L_i ≤ ‖J_i‖_F ≤ U_i
+(:meth:`~gatelens.Cell.jacobian_norm_bounds`): L = U = the norm itself where that is cheap (Elman, GRU with reset
+"after", LSTM without projection, from each row's Gram matrix of weight rows); a stack, a GRU with reset "before" and a
+projected LSTM give bounds (a stack's from ‖AB‖_F ≤ ‖A‖_F ‖B‖_F over its blocks). Widened by a relative S · eps for
+their own rounding, they decide a column wherever they can: |R_jj| > S · eps · U_i is certainly alive and
+|R_jj| ≤ S · eps · L_i certainly dead. Only at a step where some |R_jj| falls between the two is J_i formed and the
+test made with its norm, exactly as stated above. Nothing is stored beyond Q and the bounds of a chunk of steps.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +55,11 @@ from torch import Tensor
 
 from gatelens.analysis.serialize import json_list
 from gatelens.model import InitialState, Model
-from gatelens.trace import Trace
+from gatelens.trace import Recurrence, Trace
 
-CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
+CHUNK_ELEMENTS = 1 << 20  # (step, sequence, state entry) triples whose norm bounds are computed at once
 DEFAULT_WINDOWS = 10
+DEFAULT_EXPONENTS = 8  # λ_1 and enough more to see a rank deficit; k = None follows all S
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,13 +109,14 @@ def lyapunov(
     *,
     h0: InitialState = None,
     lengths: Any = None,
-    k: int | None = None,
+    k: int | None = DEFAULT_EXPONENTS,
     warmup: int = 0,
     windows: int | None = None,
     layer: int | None = None,
     direction: str | None = None,
 ) -> Lyapunov:
-    """The first k Lyapunov exponents (default: all S) of one recurrence (module docstring).
+    """The first k Lyapunov exponents of one recurrence (module docstring): k = 8 by default (all S on a smaller
+    state), any k in 1..S, or None for all S.
 
     ``lyapunov(model, x, h0=, lengths=)`` traces x first; ``lyapunov(trace)`` uses a trace already recorded.
     layer/direction choose the recurrence as in :meth:`Trace.recurrence`. ``windows`` consecutive windows of the
@@ -111,20 +126,28 @@ def lyapunov(
     rec = trace.recurrence(layer, direction)
     steps, batch = rec.input_index.shape
     size = rec.cell.state_size
-    k = size if k is None else _count("k", k, 1, size)
+    if k is None:
+        k = size
+    else:  # the default 8 is cut to S on a smaller state; any other k must lie in 1..S
+        k = min(size, _count("k", k, 1, max(size, DEFAULT_EXPONENTS) if k == DEFAULT_EXPONENTS else size))
     warmup = _count("warmup", warmup, 0, steps - 1)
     windows = min(DEFAULT_WINDOWS, steps - warmup) if windows is None else _count("windows", windows, 1, steps - warmup)
     dtype, device = rec.states.dtype, rec.states.device
-    directions = torch.eye(size, k, dtype=dtype, device=device).expand(batch, size, k)
+    scale = size * torch.finfo(dtype).eps  # the rank tolerance is S · eps · ‖J_i‖_F
+    directions = torch.eye(k, size, dtype=dtype, device=device)[:, None].expand(k, batch, size)  # Q_0's columns
     order: Tensor | None = None  # (B, k): the column each position of ``directions`` follows, once one has moved
     log_growth = torch.empty(steps, batch, k, dtype=dtype, device=device)
-    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size))
+    chunk = max(1, CHUNK_ELEMENTS // (batch * size))
     for start in range(0, steps, chunk):
-        jacobians = rec.jacobians(steps=slice(start, min(steps, start + chunk)))
-        tolerances = size * torch.finfo(dtype).eps * torch.linalg.matrix_norm(jacobians)  # S · eps · ‖J_i‖_F
-        for offset, (jacobian, tolerance) in enumerate(zip(jacobians, tolerances)):
-            directions, order, growth = _qr_step(jacobian @ directions, tolerance[:, None], order)
-            log_growth[start + offset] = growth if order is None else growth.scatter(-1, order, growth)
+        bounds = rec.jacobian_norm_bounds(steps=slice(start, min(steps, start + chunk)))
+        # S · eps times the bounds, widened by a relative S · eps for their own rounding
+        lows, highs = (scale * (1 - scale) * bounds.lower)[..., None], (scale * (1 + scale) * bounds.upper)[..., None]
+        for step, low, high in zip(range(start, steps), lows, highs):
+            tolerance = _Tolerance(low, high, functools.partial(_formed_tolerance, rec, step, scale))
+            product = rec.state_jvp(directions, steps=step).permute(1, 2, 0)  # J_i Q_{i−1}, (B, S, k)
+            q, order, growth = _qr_step(product, tolerance, order)
+            directions = q.permute(2, 0, 1).contiguous()  # (k, B, S), each direction's entries together
+            log_growth[step] = growth if order is None else growth.scatter(-1, order, growth)
     counted = (torch.arange(steps, device=device)[:, None] >= warmup).expand(steps, batch)
     if rec.mask is not None:
         counted = counted & rec.mask
@@ -147,19 +170,39 @@ def lyapunov(
     )
 
 
-def _qr_step(product: Tensor, tolerance: Tensor, order: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """J Q = Q' R for product = J Q (B, S, k); log|R_jj| per position, −inf where |R_jj| ≤ tolerance (B, 1). Where a
+class _Tolerance:
+    """The rank tolerance S · eps · ‖J_i‖_F of one step, per sequence (B, 1): known to lie between ``low`` and ``high``
+    (from the cell's bounds) until a diagonal entry falls between them; then J_i is formed, once, and the tolerance
+    is its own."""
+
+    def __init__(self, low: Tensor, high: Tensor, formed: Callable[[], Tensor]) -> None:
+        self.low, self.high, self.formed = low, high, formed
+
+    def dead(self, diagonal: Tensor) -> Tensor:
+        """|R_jj| ≤ S · eps · ‖J_i‖_F for diagonal (B, k) = |R_jj|."""
+        if bool(((diagonal > self.low) & (diagonal <= self.high)).any()):
+            self.low = self.high = self.formed()
+        return diagonal <= self.low
+
+
+def _formed_tolerance(rec: Recurrence, step: int, scale: float) -> Tensor:
+    """S · eps · ‖J_i‖_F per sequence (B, 1) from J_i itself, formed for this step only (``scale`` = S · eps)."""
+    return scale * torch.linalg.matrix_norm(rec.jacobians(steps=step))[:, None]
+
+
+def _qr_step(product: Tensor, tolerance: _Tolerance, order: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """J Q = Q' R for product = J Q (B, S, k); log|R_jj| per position, −inf where |R_jj| ≤ S · eps · ‖J‖_F. Where a
     dead position lies before a live one, the columns are reordered (live first, each group in its own order) and
     the QR is redone; ``order`` (None: the identity) follows the columns through every reordering."""
     q, r = torch.linalg.qr(product)
     diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
-    dead = diagonal <= tolerance
+    dead = tolerance.dead(diagonal)
     if product.shape[-1] > 1 and bool((dead[..., :-1] & ~dead[..., 1:]).any()):
         moved = torch.sort(dead.to(torch.int8), dim=-1, stable=True).indices
         order = moved if order is None else order.gather(-1, moved)
         q, r = torch.linalg.qr(product.gather(-1, moved[..., None, :].expand_as(product)))
         diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
-        dead = dead.gather(-1, moved) | (diagonal <= tolerance)
+        dead = dead.gather(-1, moved) | tolerance.dead(diagonal)
     return q, order, torch.where(dead, -math.inf, diagonal.log())
 
 

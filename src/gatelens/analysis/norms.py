@@ -1,4 +1,5 @@
-"""Frobenius norms that neither underflow nor overflow where the norm itself is representable.
+"""Matrix norms: Frobenius norms that neither underflow nor overflow where the norm itself is representable, and
+spectral norms by subspace iteration.
 
 A plain norm squares the entries, so in float32 any norm below about 1e-19 would come out as 0 and any above
 about 1e19 as inf. Narrow floats are therefore summed in float64, whose range holds every square of a float32;
@@ -13,6 +14,9 @@ from torch import Tensor
 NARROW = (torch.float16, torch.bfloat16, torch.float32)
 SAFE_RANGE = (1e-140, 1e140)  # float64 norms inside it lost nothing to squaring
 ROWS_AT_ONCE = 1024  # leading entries rescaled together (bounds the temporary copy of a large tensor)
+SPECTRAL_RTOL = 1e-6  # the subspace iteration stops once its estimated remaining error is below this, relative
+SPECTRAL_BLOCK = 8  # vectors of the subspace iteration
+SPECTRAL_ITERATIONS = 100  # at most this many; a matrix that has not converged by then gets an exact SVD
 
 
 def frobenius(values: Tensor, dims: int) -> Tensor:
@@ -34,3 +38,40 @@ def _rescaled(values: Tensor, dims: int) -> Tensor:
     largest = values.abs().amax(dim=axes, keepdim=True)
     safe = torch.where(largest > 0, largest, 1.0)
     return torch.linalg.vector_norm(values / safe, dim=axes) * largest.reshape(values.shape[: values.dim() - dims])
+
+
+def starting_basis(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fixed orthonormal (size, min(size, SPECTRAL_BLOCK)) basis to start :func:`spectral_norm` from."""
+    start = torch.randn(
+        size, min(size, SPECTRAL_BLOCK), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    return torch.linalg.qr(start).Q.to(dtype=dtype, device=device)
+
+
+def spectral_norm(matrix: Tensor, basis: Tensor, rtol: float = SPECTRAL_RTOL) -> tuple[Tensor, Tensor]:
+    """σ₁ of each matrix (..., R, C) by subspace iteration from an orthonormal ``basis`` (..., R, p) of left
+    vectors; returns σ₁ (...) and the basis reached, to start from for a similar matrix.
+
+    U ← qr(M Mᵀ U); the estimate σ = σ₁(Mᵀ U) is a lower bound that increases to σ₁, its steps shrinking by
+    ρ ≈ (σ_{p+1}/σ₁)² per iteration. With ρ read off two consecutive steps Δ, the remaining error is about
+    Δ ρ / (1 − ρ); the iteration stops once that and the last step Δ itself are below rtol · σ (or σ = 0). Matrices that have not converged in
+    SPECTRAL_ITERATIONS get torch.linalg.svdvals. Where the top singular values cluster the steps are not geometric
+    and the estimate of the remaining error is rough: tested against the SVD to 1e-4 relative (lower bound).
+    Cost: 2 products of (R × C) with (C × p) per iteration, against O(R·C·min(R, C)) for an SVD.
+    """
+    estimate = change = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
+    settled = torch.zeros_like(estimate, dtype=torch.bool)
+    for _ in range(SPECTRAL_ITERATIONS):
+        right = matrix.mT @ basis  # Mᵀ U
+        previous_change, previous = change, estimate
+        estimate = torch.linalg.svdvals(right)[..., 0]
+        change = (estimate - previous).abs()
+        rate = (change / torch.where(previous_change > 0, previous_change, 1.0)).clamp(max=0.999)
+        remaining = torch.maximum(change, change * rate / (1 - rate))  # the last step, and what may follow
+        settled = ((remaining <= rtol * estimate) & (previous_change > 0)) | (estimate == 0)
+        if bool(settled.all()):
+            break
+        basis = torch.linalg.qr(matrix @ right).Q
+    else:
+        estimate[~settled] = torch.linalg.svdvals(matrix[~settled])[..., 0]
+    return estimate, basis

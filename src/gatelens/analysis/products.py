@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gatelens.analysis.norms import frobenius
+from gatelens.analysis.norms import frobenius, spectral_norm, starting_basis
 from gatelens.trace import Recurrence
 
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
@@ -59,6 +59,7 @@ class LagProducts:
         self.log_scale = torch.full((len(anchors), batch), 0.5 * math.log(size), dtype=dtype, device=device)
         widest = max(size, rec.cell.input_size) if input_jacobians else size
         self.chunk = max(1, CHUNK_ELEMENTS // (batch * size * widest))
+        self.basis = starting_basis(size, dtype, device).repeat(len(anchors), batch, 1, 1)
 
     def __iter__(self) -> Iterator[SweepStep]:
         anchors, anchors_on = self.anchors, self.anchors.to(self.matrix.device)
@@ -90,6 +91,17 @@ class LagProducts:
         """log ‖(P_a(i) · right)[j, :]‖ per anchor reached, sequence and row j: (A − first, B, S); right (B, S, C)."""
         rows = frobenius(self.matrix[step.first :] @ right, dims=1)
         return rows.log() + self.log_scale[step.first :, :, None]
+
+    def log_spectral_norm(self, step: SweepStep, reached: Tensor) -> Tensor:
+        """log σ₁(P_a(i)) for the anchors reached where ``reached`` holds: (reached, B), by subspace iteration
+        (:func:`~gatelens.analysis.norms.spectral_norm`) from the basis of the previous lag: P_a(i − 1) = P_a(i) J_i
+        keeps the left singular vectors of a product that is close to rank one, so a few iterations suffice."""
+        current = slice(step.first, None)
+        estimate, basis = spectral_norm(self.matrix[current][reached], self.basis[current][reached])
+        kept = self.basis[current]
+        kept[reached] = basis
+        self.basis[current] = kept
+        return estimate.log() + self.log_scale[current][reached]
 
     def log_singular_values(self, step: SweepStep, reached: Tensor) -> Tensor:
         """log σ_j(P_a(i)) for the anchors reached where ``reached`` (A − first,) holds, descending in j."""

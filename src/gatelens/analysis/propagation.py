@@ -15,6 +15,14 @@ network whose units are all off) has log-norm −inf.
 
 With ``lengths=``, the steps past a sequence's end are identities, so an anchor past the end of a shorter
 sequence sees those lags as ∂h_t/∂h_{t−ℓ} = I; anchor at ``length − 1`` to start at a sequence's own last step.
+
+Cost. Each lag takes one product (B, S, S) @ (B, S, S) per anchor, plus the singular values: a full SVD per anchor
+and sequence (``singular_values="all"``, O(S³) each, which dominates for S in the hundreds), or the largest alone
+by a warm-started power iteration (``"largest"``, a few O(S²) products; see :meth:`LagProducts.log_spectral_norm`
+for its tolerance). log‖·‖_F is exact either way: it is the accumulated log-scale s_ℓ. ``stop_below=eps`` ends the
+sweep at the first lag at which every product of every sequence has ‖·‖_F < eps, hence ‖·‖₂ < eps: every horizon
+at that eps is then known, and later lags are not computed (NaN). Memory: O(A·B·S²) for the products and
+O(A·T·B·k) for the results.
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from torch import Tensor
 
 from gatelens.analysis.products import LagProducts, anchor_steps, lag_limit
 from gatelens.analysis.serialize import json_list
+from gatelens.progress import tick
 from gatelens.trace import Trace
+
+SINGULAR_VALUES = ("all", "largest")
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,22 +49,19 @@ class Propagation:
     """Singular values of ∂h_t/∂h_{t−ℓ} for every anchor t and lag ℓ; build one with :func:`propagation`.
 
     ``log_singular_values[a, ℓ, b, j]`` = log σ_j(∂h_t/∂h_{t−ℓ}) for sequence b, with t = anchors[a] + 1, in
-    descending order of j; NaN where ℓ > t (no such state) or beyond ``max_lag``.
+    descending order of j (all S of them, or the largest alone); ``log_frobenius[a, ℓ, b]`` = log‖∂h_t/∂h_{t−ℓ}‖_F.
+    Both are NaN where ℓ > t (no such state), beyond ``max_lag`` or after the sweep stopped (``stop_below``).
     """
 
     recurrence: str
     anchors: Tensor  # (A,) 0-based step indices, ascending
-    log_singular_values: Tensor  # (A, T+1, B, S)
+    log_singular_values: Tensor  # (A, T+1, B, S) or (A, T+1, B, 1)
+    log_frobenius: Tensor  # (A, T+1, B)
 
     @property
     def log_norm(self) -> Tensor:
         """log‖∂h_t/∂h_{t−ℓ}‖₂ (spectral), shape (A, T+1, B): lag along the second axis."""
         return self.log_singular_values[..., 0]
-
-    @property
-    def log_frobenius(self) -> Tensor:
-        """log‖∂h_t/∂h_{t−ℓ}‖_F = ½ log Σ_j σ_j², shape (A, T+1, B)."""
-        return 0.5 * torch.logsumexp(2 * self.log_singular_values, dim=-1)
 
     def singular_values(self, lag: int) -> Tensor:
         """σ_j(∂h_t/∂h_{t−lag}) for every anchor and sequence, shape (A, B, S) (NaN where lag > t)."""
@@ -89,27 +97,54 @@ def propagation(
     layer: int | None = None,
     direction: str | None = None,
     max_lag: int | None = None,
+    singular_values: str = "all",
+    stop_below: float | None = None,
 ) -> Propagation:
     """Singular values of ∂h_t/∂h_{t−ℓ} for each anchor t = a + 1 and lag ℓ = 0..min(t, max_lag).
 
     anchors: 0-based step indices in 0..T−1 (default: the last step). layer/direction choose the recurrence as in
     :meth:`Trace.recurrence` (``layer=None``: the whole stack of a unidirectional model). All anchors share one
     backward sweep: at each step the products of every anchor already reached take one more Jacobian.
+    ``singular_values``: "all" (an SVD per lag) or "largest" (σ₁ alone, by power iteration); ``stop_below``: end
+    the sweep once every product is below this norm (module docstring).
     """
+    if singular_values not in SINGULAR_VALUES:
+        raise ValueError(f"singular_values must be one of {SINGULAR_VALUES}, got {singular_values!r}")
+    if stop_below is not None and (
+        isinstance(stop_below, bool) or not isinstance(stop_below, (int, float)) or not 0 < stop_below < math.inf
+    ):
+        raise ValueError(f"stop_below must be a positive finite number or None, got {stop_below!r}")
     rec = trace.recurrence(layer, direction)
     steps = rec.steps
     points = anchor_steps(anchors, steps)
     limit = steps if max_lag is None else lag_limit(max_lag, steps)
     batch, size = rec.states.shape[1:]
     dtype, device = rec.states.dtype, rec.states.device
-    log_sv = torch.full((len(points), steps + 1, batch, size), math.nan, dtype=dtype, device=device)
+    width = size if singular_values == "all" else 1
+    log_sv = torch.full((len(points), steps + 1, batch, width), math.nan, dtype=dtype, device=device)
+    log_frobenius = torch.full((len(points), steps + 1, batch), math.nan, dtype=dtype, device=device)
     log_sv[:, 0] = 0.0  # Π_0 = I
+    log_frobenius[:, 0] = 0.5 * math.log(size)
     products = LagProducts(rec, points, lowest=max(0, int(points[0]) - limit + 1))
-    for step in products:
+    lowest_anchor = int(points[0])
+    for done, step in enumerate(products):
+        tick(done, int(points[-1]) + 1 - products.lowest)
         lags = step.lags + 1  # after J_i the products are ∂h_t/∂h_i: lag a − i + 1
         live = lags <= limit
         if not bool(live.any()):
             continue
         products.advance(step)
-        log_sv[step.first + torch.nonzero(live).flatten(), lags[live]] = products.log_singular_values(step, live)
-    return Propagation(recurrence=rec.name, anchors=points, log_singular_values=log_sv)
+        reached = step.first + torch.nonzero(live).flatten()
+        log_frobenius[reached, lags[live]] = products.log_scale[reached]
+        if singular_values == "all":
+            log_sv[reached, lags[live]] = products.log_singular_values(step, live)
+        else:
+            log_sv[reached, lags[live], :, 0] = products.log_spectral_norm(step, live)
+        if stop_below is not None and step.index <= lowest_anchor and _all_below(products, stop_below):
+            break
+    return Propagation(recurrence=rec.name, anchors=points, log_singular_values=log_sv, log_frobenius=log_frobenius)
+
+
+def _all_below(products: LagProducts, eps: float) -> bool:
+    """Whether every anchor's product of every sequence has ‖·‖_F = exp(s) < eps (so ‖·‖₂ < eps as well)."""
+    return bool((products.log_scale < math.log(eps)).all())

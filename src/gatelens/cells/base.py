@@ -20,6 +20,8 @@ The four derivatives, for s' = f(x, s; θ):
     input_jacobian(cache)  (..., S, I)            ∂s'/∂x
     state_vjp(cache, v)    (..., S)               v · ∂s'/∂s      (v may carry extra leading dims)
     input_vjp(cache, v)    (..., I)               v · ∂s'/∂x
+    state_jvp(cache, v)    (..., S)               ∂s'/∂s · v      (v (..., S), extra leading dims as for the VJP)
+    input_jvp(cache, v)    (..., S)               ∂s'/∂x · v      (v (..., I))
     param_vjp(cache, v)    {block: (..., *shape)} v · ∂⁺s'/∂θ, summed over the batch dimension (the cache's last
                                                   leading dimension); s is held fixed (the immediate derivative)
 
@@ -31,13 +33,30 @@ where δ (..., B, rows) is v's adjoint at the product's output and u (B, cols) i
 ``param_factors(cache, v) → {block: Factor(δ, u)}``; ``param_vjp`` is built from it, and analyses that need one
 contribution per adjoint chain (credit maps) contract the factors themselves, which is far cheaper than forming
 every outer product.
+
+The products with J are formed from the cell's structure, never from J itself, and so is a bound on its size:
+
+    jacobian_norm_bounds(cache)       NormBounds (...)    L ≤ ‖∂s'/∂s‖_F ≤ U  (L = U: the norm itself, where cheap)
+    input_jacobian_norm_bound(cache)  (...)               U ≥ ‖∂s'/∂x‖_F
+
+The base class forms J for all four (so any new cell works at once); every built-in cell overrides them.
+
+Two sums over many covectors at once serve the analyses that need one number per step and path or block:
+
+    path_vjps(cache, v)              {path: (..., S)}         v · P_p for every path of jacobian_paths (sum: v · J)
+    param_energies(cache, above)     {block: FactorEnergy}    Σ_j ‖δ_θ(w_j)‖² over the one-hots w_j = e_j on s' (and
+                                                              the covectors ``above`` on the output), with u_θ
+    input_energies(cache)            (..., I)                 Σ_j (∂s'_j/∂x_i)²: the one-hots pulled back to x
+
+Again the base class forms the paths, the Jacobian and one adjoint per one-hot; the built-in cells use closed forms:
+most adjoints are v ⊙ d for a gain d per unit, so their sum over the one-hots is Σ_i d_i², O(S) per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
@@ -90,6 +109,35 @@ class Factor(NamedTuple):
         return adjoint.sum(-2) if inputs is None else outer_sum(adjoint, inputs)
 
 
+class FactorEnergy(NamedTuple):
+    """One weight block's parameter VJP summed in square over a family of covectors w_j on s':
+
+        Σ_j ‖w_j · ∂⁺s'/∂θ‖_F² = adjoint · ‖inputs‖²     (a bias: adjoint),     adjoint = Σ_j ‖δ(w_j)‖²
+
+    with δ(w_j) the :class:`Factor` adjoint of w_j. Blocks fed by the same pre-activation share one ``adjoint``.
+    """
+
+    adjoint: Tensor  # (..., B): Σ_j ‖δ(w_j)‖², summed in float64 (or wider)
+    inputs: Tensor | None  # (..., B, cols): u, as in the block's Factor; None for a bias
+
+
+class Covectors(NamedTuple):
+    """Covectors w_1..w_J on a cell's output (the first O entries of its state; zero on the rest), as
+    :meth:`Cell.param_energies` reads them: their column energies Σ_j w_j[i]², and their rows where the cell's sums
+    need more than those (:attr:`Cell.energies_need_rows`)."""
+
+    energies: Tensor  # (..., B, O): Σ_j w_j[i]², in float64 (or wider)
+    rows: Tensor | None  # (..., B, J, O), or None
+
+
+class NormBounds(NamedTuple):
+    """lower ≤ ‖J‖_F ≤ upper per step and sequence (each with the cache's leading dimensions); equal where the cell
+    computes the norm itself."""
+
+    lower: Tensor
+    upper: Tensor
+
+
 class Cell(ABC):
     """One recurrent step with its cached gates and exact derivatives (see the module docstring)."""
 
@@ -137,6 +185,27 @@ class Cell(ABC):
     def input_vjp(self, cache: Any, v: Tensor) -> Tensor:
         """v · ∂s'/∂x for v of shape (..., S)."""
 
+    def state_jvp(self, cache: Any, v: Tensor) -> Tensor:
+        """J · v = ∂s'/∂s · v for v of shape (..., S), with extra leading dims as for :meth:`state_vjp`.
+
+        This default forms J; the built-in cells form the product from their structure.
+        """
+        return (self.jacobian(cache) @ v.unsqueeze(-1)).squeeze(-1)
+
+    def input_jvp(self, cache: Any, v: Tensor) -> Tensor:
+        """∂s'/∂x · v for v of shape (..., I) ↦ (..., S). This default forms ∂s'/∂x; the built-in cells do not."""
+        return (self.input_jacobian(cache) @ v.unsqueeze(-1)).squeeze(-1)
+
+    def jacobian_norm_bounds(self, cache: Any) -> NormBounds:
+        """L ≤ ‖∂s'/∂s‖_F ≤ U, shape (...,). This default forms J and returns its norm as both; the built-in cells
+        bound it from their structure without forming J."""
+        norm = torch.linalg.matrix_norm(self.jacobian(cache))
+        return NormBounds(norm, norm)
+
+    def input_jacobian_norm_bound(self, cache: Any) -> Tensor:
+        """U ≥ ‖∂s'/∂x‖_F, shape (...,). This default forms ∂s'/∂x and returns its norm."""
+        return torch.linalg.matrix_norm(self.input_jacobian(cache))
+
     @abstractmethod
     def param_factors(self, cache: Any, v: Tensor) -> dict[str, Factor]:
         """Every weight block's v · ∂⁺s'/∂θ in factored form (see :class:`Factor`)."""
@@ -144,6 +213,45 @@ class Cell(ABC):
     def param_vjp(self, cache: Any, v: Tensor) -> dict[str, Tensor]:
         """v · ∂⁺s'/∂θ for every weight block θ, summed over the batch dimension: Σ_b δ_bᵀ ⊗ u_b (bias: Σ_b δ_b)."""
         return {name: factor.contract() for name, factor in self.param_factors(cache, v).items()}
+
+    def path_vjps(self, cache: Any, v: Tensor) -> dict[str, Tensor]:
+        """v · P_p (..., S) for every path P_p of :meth:`jacobian_paths`; they sum to :meth:`state_vjp`.
+
+        This default forms the paths, O(S²) per step; the built-in cells never do.
+        """
+        row = v.unsqueeze(-2)
+        return {name: (row @ path).squeeze(-2) for name, path in self.jacobian_paths(cache).items()}
+
+    @property
+    def energies_need_rows(self) -> bool:
+        """Whether :meth:`param_energies` reads the rows of the covectors ``above``, not only their column energies."""
+        return True
+
+    def param_energies(self, cache: Any, above: Covectors | None = None) -> dict[str, FactorEnergy]:
+        """Every weight block's Σ_j ‖δ(w_j)‖² and input u (:class:`FactorEnergy`) over the covectors w_j on s': the S
+        one-hots e_j, and the rows of ``above`` on the output.
+
+        Over the one-hots alone, adjoint · ‖inputs‖² = ‖∂⁺s'/∂θ‖_F², the local gradient squared. This default sends
+        every covector through :meth:`param_factors`, S + J adjoints per step; the built-in cells use closed forms.
+        """
+        lead, size = leading_shape(cache), self.state_size
+        one_hots = torch.eye(size, dtype=self.dtype, device=self.device)
+        covectors = one_hots.reshape(size, *(1,) * len(lead), size).expand(size, *lead, size)
+        if above is not None:
+            covectors = torch.cat([covectors, self.output_vjp(covector_rows(above, self.kind)).movedim(-2, 0)])
+        energies: dict[int, Tensor] = {}  # blocks fed by one pre-activation share their adjoint
+        result = {}
+        for name, (adjoint, inputs) in self.param_factors(cache, covectors).items():
+            if id(adjoint) not in energies:
+                energies[id(adjoint)] = square_sum(adjoint, dims=(0, -1))
+            result[name] = FactorEnergy(energies[id(adjoint)], inputs)
+        return result
+
+    def input_energies(self, cache: Any) -> Tensor:
+        """Σ_j (∂s'_j/∂x_i)², the squared column norms of :meth:`input_jacobian`, (..., I) in float64 (or wider): the
+        one-hots on s' pulled back to the input, as a :class:`Stack` hands them to the layer below. This default forms
+        ∂s'/∂x."""
+        return square_sum(self.input_jacobian(cache), dims=(-2,))
 
     def to(self: CellT, *args: Any, **kwargs: Any) -> CellT:
         """A copy with every weight converted by ``Tensor.to(*args, **kwargs)``."""
@@ -254,6 +362,84 @@ def diag_times(scale: Tensor, matrix: Tensor) -> Tensor:
     return scale.unsqueeze(-1) * matrix
 
 
+def row_norms(scales: Sequence[Tensor], weights: Sequence[Tensor], diagonal: Tensor | None = None) -> Tensor:
+    """The norm of every row i of diag(d) + Σ_p diag(s_p) W_p, without forming the matrix:
+
+        ‖d_i e_i + Σ_p s_{p,i} W_p[i, :]‖² = Σ_{p,q} s_{p,i} s_{q,i} ⟨W_p[i, :], W_q[i, :]⟩
+                                              + d_i (d_i + 2 Σ_p s_{p,i} W_p[i, i])
+
+    scales: P tensors s_p (..., R); weights: P matrices W_p (R, C); diagonal d (..., R) or None (needs R = C) ↦
+    (..., R). The inner products of each row's weight rows are formed once per call (P² · R · C), so a row then
+    costs P², not C.
+    """
+    squares = torch.zeros_like(scales[0]) if diagonal is None else diagonal.square()
+    for p, (scale, weight) in enumerate(zip(scales, weights)):
+        inner = (weight * weight).sum(-1) * scale  # Σ_q s_q ⟨W_p[i, :], W_q[i, :]⟩, the terms q ≥ p doubled
+        for other_scale, other in zip(scales[p + 1 :], weights[p + 1 :]):
+            inner = inner + 2 * (weight * other).sum(-1) * other_scale
+        if diagonal is not None:
+            inner = inner + 2 * weight.diagonal() * diagonal
+        squares = squares + inner * scale
+    return squares.clamp_min(0).sqrt()  # rounding can take a row of norm ≈ 0 a little below 0
+
+
+def perturbed_norm_bounds(rows: Tensor, spread: Tensor) -> NormBounds:
+    """Bounds on ‖M + E‖_F from the row norms a_i = ‖M[i, :]‖ (..., R) and bounds b_i ≥ ‖E[i, :]‖ (..., R), by the
+    triangle inequality per row: L² = Σ_i max(a_i − b_i, 0)², U² = Σ_i (a_i + b_i)²."""
+    lower = torch.linalg.vector_norm((rows - spread).clamp_min(0), dim=-1)
+    return NormBounds(lower, torch.linalg.vector_norm(rows + spread, dim=-1))
+
+
+def spectral_norm(matrix: Tensor) -> Tensor:
+    """‖W‖₂, the largest singular value: ‖u W‖ ≤ ‖u‖ ‖W‖₂ for every row vector u."""
+    return torch.linalg.matrix_norm(matrix, ord=2)
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that sums of squares are formed in: float64 for float16/bfloat16/float32/float64 (no square of a
+    float32 under- or overflows in it), the dtype itself if wider."""
+    return torch.promote_types(dtype, torch.float64)
+
+
+def square_sum(values: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Σ values² over ``dims``, in :func:`wide_dtype`."""
+    return torch.linalg.vector_norm(values, dim=dims, dtype=wide_dtype(values.dtype)).square()
+
+
+def unit_energy(gain: Tensor, weights: Tensor | float) -> Tensor:
+    """Σ_i d_i² ω_i over the last dimension, in :func:`wide_dtype`: Σ_j ‖w_j ⊙ d‖² for an adjoint w ⊙ d that acts on
+    each unit alone, over covectors w_j whose column energies Σ_j w_j[i]² are ω (:func:`covector_weights`)."""
+    return (gain.to(wide_dtype(gain.dtype)).square() * weights).sum(-1)
+
+
+def covector_weights(above: Covectors | None) -> Tensor | float:
+    """ω_i = Σ_j w_j[i]² over the one-hots on a state that is all output (1 each) and the covectors ``above``."""
+    return 1.0 if above is None else 1 + above.energies
+
+
+def covector_rows(above: Covectors, kind: str) -> Tensor:
+    """The rows of ``above`` (..., B, J, O), which a cell's sums need unless it says otherwise."""
+    if above.rows is None:
+        raise ValueError(f"{kind}: param_energies needs the rows of the covectors above, not only their column sums")
+    return above.rows
+
+
+def scaled_sum_energies(terms: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """The squared column norms Σ_j M[j, i]² of M = Σ_g diag(s_g) W_g, without forming M:
+
+        Σ_g s_g² (W_g ∘ W_g) + 2 Σ_{g<g'} (s_g ⊙ s_g') (W_g ∘ W_g')
+
+    terms (s_g (..., R), W_g (R, C)) ↦ (..., C) in :func:`wide_dtype`, one matrix product over every pair of terms.
+    """
+    wide = wide_dtype(terms[0][0].dtype)
+    scales = [scale.to(wide) for scale, _ in terms]
+    weights = [weight.to(wide) for _, weight in terms]
+    pairs = [(a, b) for a in range(len(terms)) for b in range(a, len(terms))]
+    left = torch.cat([scales[a] * scales[b] for a, b in pairs], dim=-1)
+    right = torch.cat([weights[a] * weights[b] * (1 if a == b else 2) for a, b in pairs], dim=-2)
+    return left @ right
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Caches: dataclasses (or tuples of them, for stacks) of tensors with free leading dimensions.
 
@@ -273,18 +459,31 @@ def map_cache(function: Callable[[Tensor], Tensor], cache: Any) -> Any:
     raise TypeError(f"a cache holds tensors, tuples or dataclasses; got {type(cache).__name__}")
 
 
-def stack_caches(caches: list[Any]) -> Any:
-    """Per-step caches, each with leading shape (B,), ↦ one cache with leading shape (T, B)."""
-    first = caches[0]
-    if first is None:
-        return None
-    if isinstance(first, Tensor):
-        return torch.stack(caches)
-    if isinstance(first, tuple):
-        return tuple(stack_caches([c[i] for c in caches]) for i in range(len(first)))
-    return dataclasses.replace(
-        first, **{f.name: stack_caches([getattr(c, f.name) for c in caches]) for f in dataclasses.fields(first)}
-    )
+def leading_shape(cache: Any) -> torch.Size:
+    """The leading dimensions (..., B) that every tensor of a cache shares: those of its first tensor, less the last."""
+    if isinstance(cache, Tensor):
+        return cache.shape[:-1]
+    parts = cache if isinstance(cache, tuple) else [getattr(cache, f.name) for f in dataclasses.fields(cache)]
+    return next(leading_shape(part) for part in parts if part is not None)
+
+
+def cache_tensors(cache: Any) -> list[Tensor]:
+    """Every tensor of a cache, in a fixed order (the order :func:`map_cache` visits them)."""
+    found: list[Tensor] = []
+
+    def collect(tensor: Tensor) -> Tensor:
+        found.append(tensor)
+        return tensor
+
+    map_cache(collect, cache)
+    return found
+
+
+def preallocated_cache(first: Any, steps: int) -> Any:
+    """A cache of ``steps`` steps shaped like the one-step cache ``first``, leading shape (T, B), left empty: the
+    trace writes each step into it (:func:`cache_tensors` of its step ``i``), so no per-step list is stacked and
+    the peak memory is one copy."""
+    return map_cache(lambda tensor: tensor.new_empty((steps, *tensor.shape)), first)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ Its Jacobian has a single path,
 
     recurrent  diag(φ'(a)) W_hh
 
-and its input Jacobian is diag(φ'(a)) W_ih.
+and its input Jacobian is diag(φ'(a)) W_ih. Forward products and norms follow from the rows φ'(a_i) W[i, :]:
+
+    J v = φ'(a) ⊙ (W_hh v),     ∂h'/∂x v = φ'(a) ⊙ (W_ih v),     ‖J‖_F² = Σ_i φ'(a_i)² ‖W_hh[i, :]‖²
+
+Every block's adjoint is v ⊙ φ'(a), so over the one-hot covectors on h' (local gradients) Σ_j ‖δ(e_j)‖² = Σ_i φ'(a_i)².
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ from gatelens.activations import CANDIDATE_ACTIVATIONS, Activation, get_activati
 from gatelens.cells.base import (
     Cell,
     Clamp,
+    Covectors,
     Factor,
+    FactorEnergy,
     MemoryGates,
+    NormBounds,
     affine,
     check_no_clamp,
+    covector_weights,
     diag_times,
+    scaled_sum_energies,
     sizing_block,
     uniform_weights,
+    unit_energy,
 )
 
 
@@ -109,9 +119,52 @@ class Elman(Cell):
     def input_vjp(self, cache: ElmanCache, v: Tensor) -> Tensor:
         return (v * cache.dphi) @ self.weights["W_ih"]
 
+    def state_jvp(self, cache: ElmanCache, v: Tensor) -> Tensor:
+        """J v = φ'(a) ⊙ (W_hh v)."""
+        return cache.dphi * affine(v, self.weights["W_hh"], None)
+
+    def input_jvp(self, cache: ElmanCache, v: Tensor) -> Tensor:
+        """∂h'/∂x v = φ'(a) ⊙ (W_ih v)."""
+        return cache.dphi * affine(v, self.weights["W_ih"], None)
+
+    def _norm(self, cache: ElmanCache, block: str) -> Tensor:
+        """‖diag(φ'(a)) W‖_F = √(Σ_i φ'(a_i)² ‖W[i, :]‖²) for the weight block W = ``block``."""
+        return torch.linalg.vector_norm(cache.dphi * self.weights[block].norm(dim=-1), dim=-1)
+
+    def jacobian_norm_bounds(self, cache: ElmanCache) -> NormBounds:
+        """‖J‖_F itself (both bounds): √(Σ_i φ'(a_i)² ‖W_hh[i, :]‖²)."""
+        norm = self._norm(cache, "W_hh")
+        return NormBounds(norm, norm)
+
+    def input_jacobian_norm_bound(self, cache: ElmanCache) -> Tensor:
+        """‖∂h'/∂x‖_F itself: √(Σ_i φ'(a_i)² ‖W_ih[i, :]‖²)."""
+        return self._norm(cache, "W_ih")
+
     def param_factors(self, cache: ElmanCache, v: Tensor) -> dict[str, Factor]:
         g = v * cache.dphi
-        factors = {"W_ih": Factor(g, cache.x), "W_hh": Factor(g, cache.h)}
+        return {block: Factor(g, inputs) for block, inputs in self._block_inputs(cache).items()}
+
+    def _block_inputs(self, cache: ElmanCache) -> dict[str, Tensor | None]:
+        """Each weight block's input u (None for a bias); all share the one adjoint v ⊙ φ'(a)."""
+        blocks: dict[str, Tensor | None] = {"W_ih": cache.x, "W_hh": cache.h}
         if "b_ih" in self.weights:
-            factors |= {"b_ih": Factor(g, None), "b_hh": Factor(g, None)}
-        return factors
+            blocks |= {"b_ih": None, "b_hh": None}
+        return blocks
+
+    def path_vjps(self, cache: ElmanCache, v: Tensor) -> dict[str, Tensor]:
+        """The one path's v · J."""
+        return {"recurrent": self.state_vjp(cache, v)}
+
+    @property
+    def energies_need_rows(self) -> bool:
+        """The adjoint v ⊙ φ'(a) acts on each unit alone: the covectors' column energies suffice."""
+        return False
+
+    def param_energies(self, cache: ElmanCache, above: Covectors | None = None) -> dict[str, FactorEnergy]:
+        """The adjoint v ⊙ φ'(a) sums to Σ_i φ'(a_i)² ω_i, ω_i = 1 + Σ_j w_j[i]² over the rows of ``above``."""
+        energy = unit_energy(cache.dphi, covector_weights(above))
+        return {block: FactorEnergy(energy, inputs) for block, inputs in self._block_inputs(cache).items()}
+
+    def input_energies(self, cache: ElmanCache) -> Tensor:
+        """Σ_j φ'(a_j)² W_ih[j, i]²: (φ'(a)²) (W_ih ∘ W_ih)."""
+        return scaled_sum_energies([(cache.dphi, self.weights["W_ih"])])

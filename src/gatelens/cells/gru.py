@@ -26,6 +26,22 @@ Writing c' = ∂c/∂a_z = ±σ'(a_z) and g = (1 − c) ⊙ φ'(a_n), the Jacobi
                where u = W_hn h + b_hn
 
 and the input Jacobian is diag((h − n) ⊙ c') W_iz + diag(g) W_in + (the reset path with W_ir for W_hr).
+
+Forward products follow the chain rule through the pre-activations, never forming J: with ȧ_r, ȧ_z the tangents of
+a_r, a_z and ȧ_n that of a_n,
+
+    J v      = c ⊙ v + (h − n) ⊙ c' ⊙ (W_hz v) + g ⊙ ȧ_n,     ȧ_r = W_hr v
+    ∂h'/∂x v = (h − n) ⊙ c' ⊙ (W_iz v) + g ⊙ (W_in v + ȧ_n),  ȧ_r = W_ir v
+    ȧ_n      after:  r ⊙ (W_hn v) + u ⊙ σ'(a_r) ⊙ ȧ_r       before:  W_hn (r ⊙ v + h ⊙ σ'(a_r) ⊙ ȧ_r)
+
+(the input product has no r ⊙ (W_hn v) and no r ⊙ v), so reset "after" gives J v = c ⊙ v + Σ_p scale_p ⊙ (W_p v) over
+the update, candidate and reset paths. ‖J‖_F: exact for reset "after" (each row is d_i e_i + Σ_p s_{p,i} W_p[i, :],
+whose norm comes from the Gram matrix of the rows W_p[i, :]); bounded for "before" (see jacobian_norm_bounds).
+
+Local gradients sum the adjoints of the one-hot covectors e_j on h'. Every pre-activation adjoint but reset
+"before"'s δ_r is v ⊙ d with a gain per unit: d_z = (h − n) ⊙ c', d_n = g, d_hn = g ⊙ r (after) or g (before),
+d_r = g ⊙ u ⊙ σ'(a_r) (after); so Σ_j ‖δ(e_j)‖² = Σ_i d_i², and for reset "before"
+Σ_j ‖δ_r(e_j)‖² = (g²)ᵀ (W_hn ∘ W_hn) (h ⊙ σ'(a_r))².
 """
 
 from __future__ import annotations
@@ -40,14 +56,26 @@ from gatelens.activations import Activation
 from gatelens.cells.base import (
     Cell,
     Clamp,
+    Covectors,
     Factor,
+    FactorEnergy,
     MemoryGates,
+    NormBounds,
     affine,
     check_choice,
+    covector_rows,
+    covector_weights,
     diag_times,
     gate_values,
+    perturbed_norm_bounds,
+    row_norms,
+    scaled_sum_energies,
     sizing_block,
+    spectral_norm,
+    square_sum,
     uniform_weights,
+    unit_energy,
+    wide_dtype,
 )
 
 RESET_PLACEMENTS = ("after", "before")
@@ -175,13 +203,17 @@ class GRU(Cell):
         """c' = ∂c/∂a_z."""
         return cache.dz if self.update == "keep" else -cache.dz
 
+    def _update_scale(self, cache: GRUCache) -> Tensor:
+        """∂h'/∂a_z = (h − n) ⊙ c'."""
+        return (cache.h - cache.n) * self._carry_slope(cache)
+
     def _candidate_gain(self, cache: GRUCache) -> Tensor:
         """g = ∂h'/∂a_n = (1 − c) ⊙ φ'(a_n)."""
         return self._shares(cache)[1] * cache.dn
 
     def _scaled_blocks(self, cache: GRUCache) -> dict[str, tuple[Tensor, str]]:
         """The update path, and for reset "after" the candidate and reset paths, as diag(scale) · W_block."""
-        blocks = {"update": ((cache.h - cache.n) * self._carry_slope(cache), "W_hz")}
+        blocks = {"update": (self._update_scale(cache), "W_hz")}
         if self.reset == "after":
             gain = self._candidate_gain(cache)
             blocks |= {"candidate": (gain * cache.r, "W_hn"), "reset": (gain * cache.u * cache.dr, "W_hr")}
@@ -216,46 +248,155 @@ class GRU(Cell):
             if self.reset == "after"
             else (diag_times(gain, w["W_hn"]) * (cache.h * cache.dr).unsqueeze(-2)) @ w["W_ir"]
         )
-        return (
-            diag_times((cache.h - cache.n) * self._carry_slope(cache), w["W_iz"])
-            + diag_times(gain, w["W_in"])
-            + through_reset
-        )
+        return diag_times(self._update_scale(cache), w["W_iz"]) + diag_times(gain, w["W_in"]) + through_reset
+
+    def _adjoint_gains(self, cache: GRUCache) -> dict[str, Tensor]:
+        """The gain d of every pre-activation adjoint v ⊙ d that acts on each unit alone: z (h − n) ⊙ c', n g, hn g ⊙ r
+        (a_n = … + r ⊙ (W_hn h + b_hn)) or g (reset "before"), and for reset "after" r g ⊙ u ⊙ σ'(a_r)."""
+        gain = self._candidate_gain(cache)
+        gains = {"z": self._update_scale(cache), "n": gain, "hn": gain}
+        if self.reset == "after":
+            blocks = self._scaled_blocks(cache)
+            gains |= {"hn": blocks["candidate"][0], "r": blocks["reset"][0]}
+        return gains
 
     def _preactivation_adjoints(self, cache: GRUCache, v: Tensor) -> dict[str, Tensor]:
-        """Adjoints of v at a_r, a_z, a_n and at the output of W_hn's product ("hn")."""
-        g_z = v * (cache.h - cache.n) * self._carry_slope(cache)
-        g_n = v * self._candidate_gain(cache)
-        if self.reset == "after":
-            g_hn = g_n * cache.r  # a_n = … + r ⊙ (W_hn h + b_hn)
-            g_r = g_n * cache.u * cache.dr
-        else:
-            g_hn = g_n  # a_n = … + W_hn (r ⊙ h) + b_hn
-            g_r = (g_n @ self.weights["W_hn"]) * cache.h * cache.dr
-        return {"r": g_r, "z": g_z, "n": g_n, "hn": g_hn}
+        """Adjoints of v at a_r, a_z, a_n and at the output of W_hn's product ("hn"): v ⊙ d (:meth:`_adjoint_gains`),
+        and for reset "before" δ_r = ((v ⊙ g) W_hn) ⊙ h ⊙ σ'(a_r) (a_n = … + W_hn (r ⊙ h) + b_hn)."""
+        g = {name: v * gain for name, gain in self._adjoint_gains(cache).items()}
+        if self.reset == "before":
+            g["r"] = (g["n"] @ self.weights["W_hn"]) * cache.h * cache.dr
+        return g
 
     def state_vjp(self, cache: GRUCache, v: Tensor) -> Tensor:
-        w = self.weights
-        g = self._preactivation_adjoints(cache, v)
-        through_hn = g["hn"] @ w["W_hn"]
-        if self.reset == "before":
-            through_hn = through_hn * cache.r
-        return v * self._carry(cache) + g["z"] @ w["W_hz"] + g["r"] @ w["W_hr"] + through_hn
+        """v · J, the sum of :meth:`path_vjps`."""
+        return sum(self.path_vjps(cache, v).values())  # type: ignore[return-value]
 
     def input_vjp(self, cache: GRUCache, v: Tensor) -> Tensor:
         w = self.weights
         g = self._preactivation_adjoints(cache, v)
         return g["r"] @ w["W_ir"] + g["z"] @ w["W_iz"] + g["n"] @ w["W_in"]
 
+    def _candidate_tangent(self, cache: GRUCache, tangent_r: Tensor, v: Tensor | None = None) -> Tensor:
+        """ȧ_n less W_in's term, from ȧ_r and a state tangent v (None for an input tangent): r ⊙ (W_hn v) +
+        u ⊙ σ'(a_r) ⊙ ȧ_r (reset "after"), W_hn (r ⊙ v + h ⊙ σ'(a_r) ⊙ ȧ_r) (reset "before")."""
+        w_hn = self.weights["W_hn"]
+        if self.reset == "after":
+            through_r = cache.u * cache.dr * tangent_r
+            return through_r if v is None else through_r + cache.r * affine(v, w_hn, None)
+        through_r = cache.h * cache.dr * tangent_r
+        return affine(through_r if v is None else through_r + cache.r * v, w_hn, None)
+
+    def _new_state_tangent(self, cache: GRUCache, tangent_z: Tensor, tangent_n: Tensor) -> Tensor:
+        """The tangent of h' from those of a_z and a_n (the carry term c ⊙ v aside): (h − n) ⊙ c' ⊙ ȧ_z + g ⊙ ȧ_n."""
+        return self._update_scale(cache) * tangent_z + self._candidate_gain(cache) * tangent_n
+
+    def state_jvp(self, cache: GRUCache, v: Tensor) -> Tensor:
+        """J v = c ⊙ v + (h − n) ⊙ c' ⊙ (W_hz v) + g ⊙ ȧ_n with ȧ_r = W_hr v (module docstring)."""
+        w = self.weights
+        tangent_n = self._candidate_tangent(cache, affine(v, w["W_hr"], None), v)
+        return self._carry(cache) * v + self._new_state_tangent(cache, affine(v, w["W_hz"], None), tangent_n)
+
+    def input_jvp(self, cache: GRUCache, v: Tensor) -> Tensor:
+        """∂h'/∂x v = (h − n) ⊙ c' ⊙ (W_iz v) + g ⊙ (W_in v + ȧ_n) with ȧ_r = W_ir v (module docstring)."""
+        w = self.weights
+        tangent_n = affine(v, w["W_in"], None) + self._candidate_tangent(cache, affine(v, w["W_ir"], None))
+        return self._new_state_tangent(cache, affine(v, w["W_iz"], None), tangent_n)
+
+    def _masked_hn_row_norms(self, scale: Tensor) -> Tensor:
+        """‖W_hn[i, :] ⊙ scale‖ for every row i: √((W_hn ⊙ W_hn) scale²), shape (..., H)."""
+        return affine(scale.square(), self.weights["W_hn"].square(), None).sqrt()
+
+    def jacobian_norm_bounds(self, cache: GRUCache) -> NormBounds:
+        """Reset "after": ‖J‖_F itself, from the rows of diag(c) + Σ_p diag(scale_p) W_p (:func:`row_norms`).
+
+        Reset "before": the rows a_i of diag(c) + diag((h − n) ⊙ c') W_hz exactly, and those of the candidate and reset
+        paths, g_i W_hn[i, :] (diag(r) + diag(h ⊙ σ'(a_r)) W_hr), bounded by
+        b_i = |g_i| (‖W_hn[i, :] ⊙ r‖ + ‖W_hn[i, :] ⊙ h ⊙ σ'(a_r)‖ ‖W_hr‖₂) (:func:`perturbed_norm_bounds`).
+        """
+        blocks = self._scaled_blocks(cache).values()
+        rows = row_norms([scale for scale, _ in blocks], [self.weights[b] for _, b in blocks], self._carry(cache))
+        if self.reset == "after":
+            norm = torch.linalg.vector_norm(rows, dim=-1)
+            return NormBounds(norm, norm)
+        through_reset = self._masked_hn_row_norms(cache.h * cache.dr) * spectral_norm(self.weights["W_hr"])
+        spread = self._candidate_gain(cache).abs() * (self._masked_hn_row_norms(cache.r) + through_reset)
+        return perturbed_norm_bounds(rows, spread)
+
+    def input_jacobian_norm_bound(self, cache: GRUCache) -> Tensor:
+        """‖∂h'/∂x‖_F from the rows of diag((h − n) ⊙ c') W_iz + diag(g) W_in + the reset path: exact for reset
+        "after" (diag(g ⊙ u ⊙ σ'(a_r)) W_ir joins the rows); for "before", the reset path's rows
+        g_i (W_hn[i, :] ⊙ h ⊙ σ'(a_r)) W_ir are bounded by |g_i| ‖W_hn[i, :] ⊙ h ⊙ σ'(a_r)‖ ‖W_ir‖₂."""
+        w = self.weights
+        gain = self._candidate_gain(cache)
+        paths = [(self._update_scale(cache), "W_iz"), (gain, "W_in")]
+        if self.reset == "after":
+            paths.append((gain * cache.u * cache.dr, "W_ir"))
+        rows = row_norms([scale for scale, _ in paths], [w[block] for _, block in paths])
+        if self.reset == "after":
+            return torch.linalg.vector_norm(rows, dim=-1)
+        spread = gain.abs() * self._masked_hn_row_norms(cache.h * cache.dr) * spectral_norm(w["W_ir"])
+        return perturbed_norm_bounds(rows, spread).upper
+
     def param_factors(self, cache: GRUCache, v: Tensor) -> dict[str, Factor]:
         g = self._preactivation_adjoints(cache, v)
-        factors = {f"W_i{gate}": Factor(g[gate], cache.x) for gate in GATES}
-        factors |= {
-            "W_hr": Factor(g["r"], cache.h),
-            "W_hz": Factor(g["z"], cache.h),
-            "W_hn": Factor(g["hn"], cache.u if self.reset == "before" else cache.h),
-        }
+        return {block: Factor(g[adjoint], inputs) for block, (adjoint, inputs) in self._block_inputs(cache).items()}
+
+    def _block_inputs(self, cache: GRUCache) -> dict[str, tuple[str, Tensor | None]]:
+        """Each weight block's pre-activation adjoint (r, z, n or hn) and input u (None for a bias)."""
+        blocks: dict[str, tuple[str, Tensor | None]] = {f"W_i{gate}": (gate, cache.x) for gate in GATES}
+        blocks |= {"W_hr": ("r", cache.h), "W_hz": ("z", cache.h)}
+        blocks["W_hn"] = ("hn", cache.u if self.reset == "before" else cache.h)
         if "b_ir" in self.weights:
-            factors |= {f"b_i{gate}": Factor(g[gate], None) for gate in GATES}
-            factors |= {"b_hr": Factor(g["r"], None), "b_hz": Factor(g["z"], None), "b_hn": Factor(g["hn"], None)}
-        return factors
+            blocks |= {f"b_i{gate}": (gate, None) for gate in GATES}
+            blocks |= {"b_hr": ("r", None), "b_hz": ("z", None), "b_hn": ("hn", None)}
+        return blocks
+
+    def path_vjps(self, cache: GRUCache, v: Tensor) -> dict[str, Tensor]:
+        """v · P_p without forming P_p, from the adjoints δ of :meth:`_preactivation_adjoints`: carry c ⊙ v, update
+        δ_z W_hz, candidate δ_hn W_hn (reset "after") or (δ_hn W_hn) ⊙ r ("before"), reset δ_r W_hr."""
+        w = self.weights
+        g = self._preactivation_adjoints(cache, v)
+        candidate = g["hn"] @ w["W_hn"]
+        return {
+            "carry": v * self._carry(cache),
+            "update": g["z"] @ w["W_hz"],
+            "candidate": candidate * cache.r if self.reset == "before" else candidate,
+            "reset": g["r"] @ w["W_hr"],
+        }
+
+    @property
+    def energies_need_rows(self) -> bool:
+        """Reset "before" mixes units in δ_r, whose sum over covectors needs their rows (:meth:`_reset_energy`)."""
+        return self.reset == "before"
+
+    def param_energies(self, cache: GRUCache, above: Covectors | None = None) -> dict[str, FactorEnergy]:
+        """Every adjoint v ⊙ d of :meth:`_adjoint_gains` sums to Σ_i d_i² ω_i, with ω_i = 1 + Σ_j w_j[i]² over the rows
+        of ``above`` (:func:`unit_energy`); reset "before"'s δ_r as :meth:`_reset_energy` says. O(H) per step and
+        sequence, plus O(H²) for reset "before" (O(J·H²) with J rows above)."""
+        weights = covector_weights(above)
+        energies = {name: unit_energy(gain, weights) for name, gain in self._adjoint_gains(cache).items()}
+        if self.reset == "before":
+            energies["r"] = self._reset_energy(cache, above)
+        return {block: FactorEnergy(energies[adjoint], u) for block, (adjoint, u) in self._block_inputs(cache).items()}
+
+    def _reset_energy(self, cache: GRUCache, above: Covectors | None) -> Tensor:
+        """Reset "before": δ_r = ((v ⊙ g) W_hn) ⊙ h ⊙ σ'(a_r) sums over the one-hots to
+        ‖diag(g) W_hn diag(h ⊙ σ'(a_r))‖_F² = (g²)ᵀ (W_hn ∘ W_hn) (h ⊙ σ'(a_r))², and over the rows R above to
+        ‖((R ⊙ g) W_hn) ⊙ h ⊙ σ'(a_r)‖_F²."""
+        w_hn, gain, slope = self.weights["W_hn"], self._candidate_gain(cache), cache.h * cache.dr
+        wide = wide_dtype(slope.dtype)
+        energy = unit_energy(gain, affine(slope.to(wide).square(), w_hn.to(wide).square(), None))
+        if above is None:
+            return energy
+        through = (covector_rows(above, self.kind) * gain.unsqueeze(-2)) @ w_hn * slope.unsqueeze(-2)  # (..., J, H)
+        return energy + square_sum(through, dims=(-2, -1))
+
+    def input_energies(self, cache: GRUCache) -> Tensor:
+        """Reset "after": ∂h'/∂x = Σ_g diag(d_g) W_ig over g = r, z, n with the gains d of :meth:`_adjoint_gains`, whose
+        squared column norms :func:`scaled_sum_energies` forms in O(H·I) per step and sequence. Reset "before": the
+        reset term mixes units through W_hn, so ∂h'/∂x is formed (O(H²·I))."""
+        if self.reset == "before":
+            return super().input_energies(cache)
+        gains = self._adjoint_gains(cache)
+        return scaled_sum_energies([(gains[gate], self.weights[f"W_i{gate}"]) for gate in GATES])

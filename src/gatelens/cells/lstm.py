@@ -17,6 +17,20 @@ c-rows (∂c'/∂·) and its h-rows (Π D · the c-rows, plus the output gate's 
     input      c-rows, h-cols: diag(g ⊙ σ'(a_i)) W_hi
     candidate  c-rows, h-cols: diag(i ⊙ φ'(a_g)) W_hg
     output     h-rows, h-cols: Π diag(φ(c') ⊙ σ'(a_o)) W_ho   (no c-rows)
+
+Forward products follow the chain rule without forming J: for a state tangent v = [v_h, v_c] (an input tangent v_x:
+W_i· for W_h·, and no f ⊙ v_c), with ȧ_p = W_hp v_h and s_p = ∂c'/∂a_p (s_f = c ⊙ σ'(a_f), s_i = g ⊙ σ'(a_i),
+s_g = i ⊙ φ'(a_g)),
+
+    ċ' = f ⊙ v_c + Σ_{p=f,i,g} s_p ⊙ ȧ_p,     ḣ' = Π (o ⊙ φ'(c') ⊙ ċ' + φ(c') ⊙ σ'(a_o) ⊙ ȧ_o).
+
+‖J‖_F² = ‖Π M‖_F² + ‖C‖_F², C = ∂c'/∂[h, c] and M = ∂m/∂[h, c], whose rows are combinations of the rows of the
+W_h· (and one diagonal entry): exact without a projection, bounded by ‖Π‖₂ ‖M‖_F with one.
+
+Local gradients sum the adjoints of the one-hot covectors on [h', c']. With v_c' = v_c + (v_h Π) ⊙ o ⊙ φ'(c'), the
+gates' adjoints are v_c' ⊙ d_p (d_f = c ⊙ σ'(a_f), d_i = g ⊙ σ'(a_i), d_g = i ⊙ φ'(a_g)) and (v_h Π) ⊙ φ(c') ⊙ σ'(a_o),
+so Σ_j ‖δ_p(e_j)‖² = Σ_k d_{p,k}² (1 + (o ⊙ φ'(c'))_k² ‖Π[:, k]‖²) and
+Σ_j ‖δ_o(e_j)‖² = Σ_k (φ(c') ⊙ σ'(a_o))_k² ‖Π[:, k]‖².
 """
 
 from __future__ import annotations
@@ -31,16 +45,28 @@ from gatelens.activations import Activation
 from gatelens.cells.base import (
     Cell,
     Clamp,
+    Covectors,
     Factor,
+    FactorEnergy,
     MemoryGates,
+    NormBounds,
     affine,
+    covector_rows,
+    covector_weights,
     diag_times,
     gate_values,
+    row_norms,
+    scaled_sum_energies,
     sizing_block,
+    spectral_norm,
+    square_sum,
     uniform_weights,
+    unit_energy,
+    wide_dtype,
 )
 
 GATES = ("i", "f", "g", "o")
+PATH_GATES = {"forget": "f", "input": "i", "candidate": "g", "output": "o"}  # the gate each non-carry path crosses
 
 
 @dataclass(frozen=True)
@@ -207,34 +233,153 @@ class LSTM(Cell):
         h_rows = self._h_rows(cache, c_rows) + self._output_gate_rows(cache, w["W_io"])
         return torch.cat([h_rows, c_rows], dim=-2)
 
+    def _gate_gains(self, cache: LSTMCache) -> dict[str, Tensor]:
+        """The gain d_p of each gate's adjoint: δ_p = v_c' ⊙ d_p for p = f, i, g (:meth:`_cell_scales`), and
+        δ_o = v_m ⊙ d_o with d_o = φ(c') ⊙ σ'(a_o)."""
+        return self._cell_scales(cache) | {"o": cache.tc * cache.do}
+
     def _adjoints(self, cache: LSTMCache, v: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Adjoints of v = [v_h, v_c] at the four pre-activations, and the total adjoint at c'."""
+        """Adjoints of v = [v_h, v_c] at the four pre-activations, and the total adjoint at c',
+        v_c' = v_c + v_m ⊙ o ⊙ φ'(c') with v_m = v_h Π."""
         v_h, v_c = v[..., : self.output_size], v[..., self.output_size :]
         v_m = v_h @ self.weights["W_proj"] if "W_proj" in self.weights else v_h
         v_new_c = v_c + v_m * cache.o * cache.dtc
-        gates = {
-            "i": v_new_c * cache.g * cache.di,
-            "f": v_new_c * cache.c * cache.df,
-            "g": v_new_c * cache.i * cache.dg,
-            "o": v_m * cache.tc * cache.do,
-        }
+        gates = {gate: (v_m if gate == "o" else v_new_c) * gain for gate, gain in self._gate_gains(cache).items()}
         return gates, v_new_c
 
     def state_vjp(self, cache: LSTMCache, v: Tensor) -> Tensor:
-        gates, v_new_c = self._adjoints(cache, v)
-        v_h = sum(gates[g] @ self.weights[f"W_h{g}"] for g in GATES)
-        return torch.cat([v_h, v_new_c * cache.f], dim=-1)
+        through_gates, carried = self._state_vjp_parts(cache, v)
+        return torch.cat([sum(through_gates.values()), carried], dim=-1)
 
     def input_vjp(self, cache: LSTMCache, v: Tensor) -> Tensor:
         gates, _ = self._adjoints(cache, v)
         return sum(gates[g] @ self.weights[f"W_i{g}"] for g in GATES)
 
+    def _cell_scales(self, cache: LSTMCache) -> dict[str, Tensor]:
+        """s_p = ∂c'/∂a_p for the gates feeding the cell state: c ⊙ σ'(a_f), g ⊙ σ'(a_i), i ⊙ φ'(a_g)."""
+        return {"f": cache.c * cache.df, "i": cache.g * cache.di, "g": cache.i * cache.dg}
+
+    def _new_state_tangent(self, cache: LSTMCache, v: Tensor, side: str, carried: Tensor | None) -> Tensor:
+        """[ḣ', ċ'] for a tangent v of the input of the W_{side}· blocks (side "h": v_h, "i": x) and the carried part
+        f ⊙ v_c of ċ' (None for x):
+
+            ċ' = f ⊙ v_c + Σ_{p=f,i,g} s_p ⊙ (W_p v),     ḣ' = Π (o ⊙ φ'(c') ⊙ ċ' + φ(c') ⊙ σ'(a_o) ⊙ (W_o v))
+        """
+        tangents = {gate: affine(v, self.weights[f"W_{side}{gate}"], None) for gate in GATES}
+        new_c = sum(scale * tangents[gate] for gate, scale in self._cell_scales(cache).items())
+        if carried is not None:
+            new_c = carried + new_c
+        m = cache.o * cache.dtc * new_c + cache.tc * cache.do * tangents["o"]
+        return torch.cat([self._project(m), new_c], dim=-1)
+
+    def state_jvp(self, cache: LSTMCache, v: Tensor) -> Tensor:
+        """J [v_h, v_c] = [ḣ', ċ'] with ċ' = f ⊙ v_c + Σ_p s_p ⊙ (W_hp v_h) (module docstring)."""
+        v_h, v_c = v[..., : self.output_size], v[..., self.output_size :]
+        return self._new_state_tangent(cache, v_h, "h", cache.f * v_c)
+
+    def input_jvp(self, cache: LSTMCache, v: Tensor) -> Tensor:
+        """∂[h', c']/∂x v = [ḣ', ċ'] with ċ' = Σ_p s_p ⊙ (W_ip v) (module docstring)."""
+        return self._new_state_tangent(cache, v, "i", None)
+
+    def _row_norms(self, cache: LSTMCache, side: str) -> tuple[Tensor, Tensor]:
+        """Row norms (..., H) of ∂m/∂u and ∂c'/∂u through the W_{side}· blocks (u = h for side "h", x for "i"): rows
+        o_i φ'(c'_i) Σ_p s_{p,i} W_p[i, :] + φ(c'_i) σ'(a_o,i) W_o[i, :] and Σ_p s_{p,i} W_p[i, :], p = f, i, g."""
+        scales = self._cell_scales(cache)
+        weights = [self.weights[f"W_{side}{gate}"] for gate in scales]
+        gain = cache.o * cache.dtc  # ∂m/∂c'
+        output_scales = [gain * scale for scale in scales.values()] + [cache.tc * cache.do]
+        output_rows = row_norms(output_scales, [*weights, self.weights[f"W_{side}o"]])
+        return output_rows, row_norms(list(scales.values()), weights)
+
+    def _projected_norm_bounds(self, m_norm: Tensor, c_norm: Tensor) -> NormBounds:
+        """Bounds on ‖[Π M; C]‖_F from ‖M‖_F and ‖C‖_F: the norm itself without a projection (Π = I); with one,
+        ‖C‖_F ≤ · ≤ √(‖Π‖₂² ‖M‖_F² + ‖C‖_F²)."""
+        if "W_proj" not in self.weights:
+            norm = torch.hypot(m_norm, c_norm)
+            return NormBounds(norm, norm)
+        return NormBounds(c_norm, torch.hypot(spectral_norm(self.weights["W_proj"]) * m_norm, c_norm))
+
+    def jacobian_norm_bounds(self, cache: LSTMCache) -> NormBounds:
+        """‖J‖_F² = ‖Π M‖_F² + ‖C‖_F², with M = [∂m/∂h, diag(o ⊙ φ'(c') ⊙ f)] and C = [∂c'/∂h, diag(f)] from
+        :meth:`_row_norms`: exact without a projection, ‖C‖_F ≤ ‖J‖_F ≤ √(‖Π‖₂² ‖M‖_F² + ‖C‖_F²) with one."""
+        m_rows, c_rows = self._row_norms(cache, "h")
+        m_norm = torch.linalg.vector_norm(torch.cat([m_rows, cache.o * cache.dtc * cache.f], dim=-1), dim=-1)
+        c_norm = torch.linalg.vector_norm(torch.cat([c_rows, cache.f], dim=-1), dim=-1)
+        return self._projected_norm_bounds(m_norm, c_norm)
+
+    def input_jacobian_norm_bound(self, cache: LSTMCache) -> Tensor:
+        """‖∂[h', c']/∂x‖_F from the rows of ∂m/∂x and ∂c'/∂x (:meth:`_row_norms`): exact without a projection,
+        √(‖Π‖₂² ‖∂m/∂x‖_F² + ‖∂c'/∂x‖_F²) with one."""
+        m_rows, c_rows = self._row_norms(cache, "i")
+        norms = (torch.linalg.vector_norm(rows, dim=-1) for rows in (m_rows, c_rows))
+        return self._projected_norm_bounds(*norms).upper
+
     def param_factors(self, cache: LSTMCache, v: Tensor) -> dict[str, Factor]:
         gates, _ = self._adjoints(cache, v)
-        factors = {f"W_i{g}": Factor(gates[g], cache.x) for g in GATES}
-        factors |= {f"W_h{g}": Factor(gates[g], cache.h) for g in GATES}
+        adjoints = gates | {"proj": v[..., : self.output_size]}
+        return {block: Factor(adjoints[adjoint], u) for block, (adjoint, u) in self._block_inputs(cache).items()}
+
+    def _block_inputs(self, cache: LSTMCache) -> dict[str, tuple[str, Tensor | None]]:
+        """Each weight block's adjoint (a gate, or "proj": v_h for W_proj) and input u (None for a bias)."""
+        blocks: dict[str, tuple[str, Tensor | None]] = {f"W_i{g}": (g, cache.x) for g in GATES}
+        blocks |= {f"W_h{g}": (g, cache.h) for g in GATES}
         if "b_ii" in self.weights:
-            factors |= {f"b_{side}{g}": Factor(gates[g], None) for side in "ih" for g in GATES}
+            blocks |= {f"b_{side}{g}": (g, None) for side in "ih" for g in GATES}
         if "W_proj" in self.weights:
-            factors["W_proj"] = Factor(v[..., : self.output_size], cache.o * cache.tc)
-        return factors
+            blocks["W_proj"] = ("proj", cache.o * cache.tc)
+        return blocks
+
+    def _state_vjp_parts(self, cache: LSTMCache, v: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """v · J by columns: each gate's term δ_p W_hp of the h-columns, and the c-columns v_c' ⊙ f."""
+        gates, v_new_c = self._adjoints(cache, v)
+        return {g: gates[g] @ self.weights[f"W_h{g}"] for g in GATES}, v_new_c * cache.f
+
+    def path_vjps(self, cache: LSTMCache, v: Tensor) -> dict[str, Tensor]:
+        """v · P_p from :meth:`_state_vjp_parts`: carry v_c' ⊙ f on the c-columns; forget, input, candidate and
+        output δ_p W_hp (p = f, i, g, o) on the h-columns."""
+        through_gates, carried = self._state_vjp_parts(cache, v)
+        vjps = {"carry": torch.nn.functional.pad(carried, (self.output_size, 0))}
+        return vjps | {
+            path: torch.nn.functional.pad(through_gates[gate], (0, self.hidden_size))
+            for path, gate in PATH_GATES.items()
+        }
+
+    @property
+    def energies_need_rows(self) -> bool:
+        """With a projection the covectors above reach the gates through W_proj: their rows are needed."""
+        return "W_proj" in self.weights
+
+    def param_energies(self, cache: LSTMCache, above: Covectors | None = None) -> dict[str, FactorEnergy]:
+        """With q = o ⊙ φ'(c') and μ = :meth:`_output_energies`, the gates' adjoints δ_p = v_c' ⊙ d_p
+        (:meth:`_gate_gains`, v_c' = v_c + v_m ⊙ q) sum to Σ_k d_{p,k}² (1 + q_k² μ_k): the one-hots e_{c_k} give the 1,
+        the covectors on h the rest, and no covector has both an h- and a c-part, so there are no cross terms. The
+        output gate's v_m ⊙ d_o sums to Σ_k d_{o,k}² μ_k, W_proj's v_h to P + Σ_j ‖w_j‖² over the rows above. O(H)
+        per step and sequence (O(J·P·H) with a projection and J rows above)."""
+        gains, mu = self._gate_gains(cache), self._output_energies(above)
+        through_c = 1 + (cache.o * cache.dtc).to(wide_dtype(cache.o.dtype)).square() * mu
+        energies = {gate: unit_energy(gain, mu if gate == "o" else through_c) for gate, gain in gains.items()}
+        if "W_proj" in self.weights:
+            covered = energies["o"].new_full(energies["o"].shape, float(self.output_size))  # the one-hots on h
+            energies["proj"] = covered if above is None else covered + above.energies.sum(-1)
+        return {block: FactorEnergy(energies[adjoint], u) for block, (adjoint, u) in self._block_inputs(cache).items()}
+
+    def _output_energies(self, above: Covectors | None) -> Tensor | float:
+        """μ_k = Σ_j (w_j Π)_k² over the h-parts of the covectors: the one-hots on h give ‖Π[:, k]‖² (1 without a
+        projection) and the rows R above ‖(R Π)[:, k]‖² (their column energies without one)."""
+        if "W_proj" not in self.weights:
+            return covector_weights(above)
+        projection = self.weights["W_proj"]
+        mu = square_sum(projection, dims=(0,))
+        return mu if above is None else mu + square_sum(covector_rows(above, self.kind) @ projection, dims=(-2,))
+
+    def input_energies(self, cache: LSTMCache) -> Tensor:
+        """Without a projection ∂s'/∂x has c-rows C = Σ_p diag(d_p) W_ip (p = f, i, g) and h-rows
+        diag(q) C + diag(d_o) W_io (:meth:`_gate_gains`, q = o ⊙ φ'(c')), both sums of diag-scaled blocks whose squared
+        column norms :func:`scaled_sum_energies` forms in O(H·I) per step and sequence. With one, the h-rows pass
+        through W_proj and ∂s'/∂x is formed."""
+        if "W_proj" in self.weights:
+            return super().input_energies(cache)
+        gains, q = self._gate_gains(cache), cache.o * cache.dtc
+        c_rows = [(gains[gate], self.weights[f"W_i{gate}"]) for gate in "fig"]
+        h_rows = [(q * gain, weight) for gain, weight in c_rows] + [(gains["o"], self.weights["W_io"])]
+        return scaled_sum_energies(c_rows) + scaled_sum_energies(h_rows)

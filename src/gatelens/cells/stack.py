@@ -11,6 +11,18 @@ Every route from s_{t−1} to s_t crosses exactly one recurrent connection, in o
 layer's paths p; so the stack's paths are named ``l{m}.{p}`` and are the column block m of the formula above with
 J^m replaced by its path p. They sum to the stack's Jacobian exactly.
 
+Forward products go up the stack without forming a block: ds^l = J^l v^l + K^l out(ds^{l−1}) for J · v (layer 0 has
+no feed), and ds^0 = K^0 v, ds^l = K^l out(ds^{l−1}) for ∂s'/∂x · v, where out(·) is a layer's output part and
+K^0 = ∂s^0_t/∂x_t. ‖J‖_F is bounded from the layers' own bounds (see :meth:`Stack.jacobian_norm_bounds`).
+
+Sums over covectors (``param_energies``): layer m's blocks are reached from its own one-hots and, through the feeds,
+from every one-hot of the layers above: e_j on s^l arrives at layer m's output as row j of K^l K^{l−1} ⋯ K^{m+1}.
+A layer reads such covectors by their column energies alone where its sums need no more (every built-in layer but a
+GRU with reset "before" and an LSTM with a projection); with two layers they come from the upper layer's
+``input_energies`` without forming K, O(S_1·O_0) per step and sequence. The rows themselves, and so the products
+K^l ⋯ K^{m+1}, are formed for three layers or more and for a lower layer that needs them: O(S_l·O_{l−1}·O_m) per step
+and sequence for each product.
+
 Layer m's blocks, paths and state entries are prefixed by its name: ``l{m}`` by default, or the names the model gives
 its recurrences (``l0_reverse``, ``l1_reverse``, … for a model that reads sequences backwards), so the stack's block
 names are the model's own.
@@ -25,7 +37,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gatelens.cells.base import Cell, Clamp, Factor, MemoryGates, check_no_clamp
+from gatelens.cells.base import (
+    Cell,
+    Clamp,
+    Covectors,
+    Factor,
+    FactorEnergy,
+    MemoryGates,
+    NormBounds,
+    check_no_clamp,
+    covector_rows,
+    square_sum,
+)
 
 
 @dataclass(frozen=True, eq=False, init=False, repr=False)
@@ -135,6 +158,19 @@ class Stack(Cell):
                 paths[f"{layer}.{name}"] = out
         return paths
 
+    def jacobian(self, cache: tuple[Any, ...]) -> Tensor:
+        """The block lower-triangular J from each layer's own Jacobian J^m (its fast form) and one product with the
+        feed per block below the diagonal, K^l (K^{l−1} ⋯ J^m), without forming the paths."""
+        feeds, slices = self._feeds(cache), self._slices()
+        out: Tensor | None = None
+        for index, (cell, layer_cache) in enumerate(zip(self.cells, cache)):
+            block = cell.jacobian(layer_cache)
+            if out is None:
+                out = block.new_zeros(*block.shape[:-2], self.state_size, self.state_size)
+            self._place_column(index, block, feeds, out, slices[index])
+        assert out is not None  # a Stack has at least one layer
+        return out
+
     def input_jacobian(self, cache: tuple[Any, ...]) -> Tensor:
         block = self.cells[0].input_jacobian(cache[0])
         out = block.new_zeros(*block.shape[:-2], self.state_size, self.input_size)
@@ -157,6 +193,41 @@ class Stack(Cell):
     def input_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
         return self.cells[0].input_vjp(cache[0], self._layer_adjoints(cache, v)[0])
 
+    def state_jvp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
+        """J v from the bottom layer up: ds^l = J^l v^l + K^l out(ds^{l−1}), with no feed into layer 0."""
+        tangents: list[Tensor] = []
+        for index, (cell, layer_cache, part) in enumerate(zip(self.cells, cache, self._slices())):
+            tangent = cell.state_jvp(layer_cache, v[..., part])
+            if index:
+                tangent = tangent + cell.input_jvp(layer_cache, self.cells[index - 1].output(tangents[-1]))
+            tangents.append(tangent)
+        return torch.cat(tangents, dim=-1)
+
+    def input_jvp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
+        """∂s'/∂x v from the bottom layer up: ds^0 = K^0 v, ds^l = K^l out(ds^{l−1})."""
+        tangents: list[Tensor] = []
+        feed = v
+        for cell, layer_cache in zip(self.cells, cache):
+            tangents.append(cell.input_jvp(layer_cache, feed))
+            feed = cell.output(tangents[-1])
+        return torch.cat(tangents, dim=-1)
+
+    def jacobian_norm_bounds(self, cache: tuple[Any, ...]) -> NormBounds:
+        """Bounds from each layer's L_m ≤ ‖J^m‖_F ≤ U_m and its input bound V_l ≥ ‖K^l‖_F, without forming a block.
+
+        The diagonal blocks give L² = Σ_m L_m². Column block m holds K^l ⋯ K^{m+1} J^m for l ≥ m, each of norm at most
+        V_l ⋯ V_{m+1} U_m (‖AB‖_F ≤ ‖A‖_F ‖B‖_F), so U² = Σ_m U_m² ρ_m with ρ_{L−1} = 1, ρ_m = 1 + V_{m+1}² ρ_{m+1}.
+        """
+        lower, upper, reach = [], [], 1.0
+        for index in range(len(self.cells) - 1, -1, -1):
+            cell, layer_cache = self.cells[index], cache[index]
+            bounds = cell.jacobian_norm_bounds(layer_cache)
+            lower.append(bounds.lower.square())
+            upper.append(bounds.upper.square() * reach)
+            if index:
+                reach = 1 + cell.input_jacobian_norm_bound(layer_cache).square() * reach
+        return NormBounds(torch.stack(lower).sum(0).sqrt(), torch.stack(upper).sum(0).sqrt())
+
     def param_factors(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Factor]:
         adjoints = self._layer_adjoints(cache, v)
         return {
@@ -164,3 +235,51 @@ class Stack(Cell):
             for layer, cell, layer_cache, adjoint in zip(self.names, self.cells, cache, adjoints)
             for name, factor in cell.param_factors(layer_cache, adjoint).items()
         }
+
+    def path_vjps(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Tensor]:
+        """v · l{m}.p = λ^m P^m_p on layer m's columns (zero elsewhere): the path is column block m of
+        K^l ⋯ K^{m+1} P^m_p over the rows l ≥ m, and Σ_{l≥m} v^l K^l ⋯ K^{m+1} = λ^m is the total adjoint at layer m's
+        new state (:meth:`_layer_adjoints`)."""
+        adjoints = self._layer_adjoints(cache, v)
+        vjps: dict[str, Tensor] = {}
+        for part, layer, cell, layer_cache, adjoint in zip(self._slices(), self.names, self.cells, cache, adjoints):
+            placement = (part.start, self.state_size - part.stop)
+            vjps |= {
+                f"{layer}.{name}": torch.nn.functional.pad(vjp, placement)
+                for name, vjp in cell.path_vjps(layer_cache, adjoint).items()
+            }
+        return vjps
+
+    @property
+    def energies_need_rows(self) -> bool:
+        """Covectors on the top layer's output reach the layers below only through products with the feeds."""
+        return len(self.cells) > 1 or self.cells[0].energies_need_rows
+
+    def param_energies(self, cache: tuple[Any, ...], above: Covectors | None = None) -> dict[str, FactorEnergy]:
+        """Each layer's sums over its own one-hots and the covectors that reach it from above (module docstring),
+        from the top layer down; ``above`` lies on the top layer's output."""
+        layers = []
+        for index in range(len(self.cells) - 1, -1, -1):
+            energies = self.cells[index].param_energies(cache[index], above)
+            layers.append({f"{self.names[index]}.{block}": energy for block, energy in energies.items()})
+            if index:
+                above = self._passed_down(cache, index, above)
+        return {name: energy for layer in reversed(layers) for name, energy in layer.items()}
+
+    def _passed_down(self, cache: tuple[Any, ...], index: int, above: Covectors | None) -> Covectors:
+        """The covectors that layer ``index`` passes to the output of the layer below: its one-hots and the rows R of
+        ``above`` through the feed K = ∂s^index/∂y^{index−1}, i.e. the rows of K and of R K_out (K_out: K's rows on
+        the output). Column energies Σ_j K_ji² (``input_energies``) + Σ_j (R K_out)_ji²; rows where the layer below
+        needs them or passes them on."""
+        cell, layer_cache = self.cells[index], cache[index]
+        energies = cell.input_energies(layer_cache)
+        needs_rows = index > 1 or self.cells[index - 1].energies_need_rows
+        if above is None and not needs_rows:
+            return Covectors(energies, None)
+        feed = cell.input_jacobian(layer_cache)  # (..., B, S_index, O_{index−1})
+        rows = [feed]
+        if above is not None:
+            through = covector_rows(above, self.kind) @ feed[..., : cell.output_size, :]
+            energies = energies + square_sum(through, dims=(-2,))
+            rows.append(through)
+        return Covectors(energies, torch.cat(rows, dim=-2) if needs_rows else None)

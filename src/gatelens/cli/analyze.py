@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gatelens.analysis import CreditMap, explain, probe_credits
+from gatelens.analysis import Analysis, Settings, analyze, probe_credits
+from gatelens.analysis.pipeline import EXPONENTS, MAX_LAG, PROBES, STAGES, recurrence_parts
 from gatelens.cli.common import add_model_options, load_and_trace, print_json
 from gatelens.experiments.folders import writable_folder
-from gatelens.report.analyses import PROBES, Analyses, recurrence_parts, run_analyses, stages
 from gatelens.report.findings import findings_table
 from gatelens.report.folder import write_report_folder
 
@@ -41,6 +41,7 @@ def register(commands: Any) -> None:
     )
     add_model_options(analyze)
     analyze.add_argument("--loss", choices=tuple(PROBES), default="last", help=LOSS_HELP)
+    add_stage_options(analyze)
     analyze.add_argument("--out", default="gatelens-analysis", help="results folder (default: gatelens-analysis)")
     analyze.set_defaults(handler=run_analyze)
 
@@ -52,6 +53,7 @@ def register(commands: Any) -> None:
         epilog="example: gatelens explain model.pt --input x.npy --json",
     )
     add_model_options(explain_command)
+    add_stage_options(explain_command)
     explain_command.set_defaults(handler=run_explain)
 
     jacobians = commands.add_parser(
@@ -78,11 +80,33 @@ def register(commands: Any) -> None:
     credit.set_defaults(handler=run_credit)
 
 
+def add_stage_options(command: argparse.ArgumentParser) -> None:
+    """Which analyses to run, and how far: --only, --skip, --max-lag, --exponents."""
+    stages = command.add_argument_group("analyses")
+    stages.add_argument(
+        "--only", nargs="+", choices=STAGES, metavar="STAGE", help=f"run these stages only ({', '.join(STAGES)})"
+    )
+    stages.add_argument("--skip", nargs="+", choices=STAGES, default=[], metavar="STAGE", help="leave these out")
+    stages.add_argument(
+        "--max-lag",
+        type=int,
+        default=MAX_LAG,
+        help=f"propagation: at most this many lags from the last step ({MAX_LAG}); it stops sooner once every "
+        "sequence is below eps",
+    )
+    stages.add_argument(
+        "--exponents", type=int, default=EXPONENTS, help=f"Lyapunov exponents to follow, the largest ({EXPONENTS})"
+    )
+
+
 def run_analyze(arguments: argparse.Namespace, console: Console) -> int:
     out = writable_folder(arguments.out)
     loaded = load_and_trace(arguments)
     console.print(loaded.note)
-    analyses = analyze_with_progress(loaded.trace, "model", arguments.loss, arguments.seed, console)
+    analyses = analyze_with_progress(
+        loaded.trace, "model", console, loss=arguments.loss, only=arguments.only, skip=arguments.skip,
+        settings=_settings(arguments),
+    )  # fmt: skip
     results = analyses.to_dict() | {"input": loaded.note}
     title = f"gatelens: {Path(arguments.checkpoint).name}"
     files = write_report_folder(out, [analyses], title=title, notes=[loaded.note], results=results)
@@ -94,30 +118,43 @@ def run_analyze(arguments: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def analyze_with_progress(
-    trace: Any, name: str, loss: str, seed: int, console: Console, credit: CreditMap | None = None
-) -> Analyses:
-    """:func:`run_analyses` with a progress bar."""
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
-    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task(f"{name}: analysing", total=stages(trace))
+def analyze_with_progress(trace: Any, name: str, console: Console, **options: Any) -> Analysis:
+    """:func:`gatelens.analyze` with a progress bar per stage, each with its time remaining."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f} %"),
+        TimeElapsedColumn(),
+        TextColumn("remaining"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        bars: dict[str, TaskID] = {}
 
-        def advance(stage: str) -> None:
-            progress.update(task, advance=1, description=f"{name}: {stage}")
+        def advance(stage: str, done: float, total: float) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(f"{name}: {stage}", total=total)
+            progress.update(bars[stage], completed=done, total=total)
 
-        return run_analyses(trace, name=name, credit=credit, loss=loss, seed=seed, advance=advance)
+        return analyze(trace, name=name, progress=advance, **options)
 
 
 def run_explain(arguments: argparse.Namespace, console: Console) -> int:
     loaded = load_and_trace(arguments)
     console.print(loaded.note)
-    with console.status("explaining"):
-        explanation = explain(loaded.trace, seed=arguments.seed)
+    skip = sorted({"credit", *arguments.skip})
+    analysis = analyze_with_progress(
+        loaded.trace, "model", console, only=arguments.only, skip=skip, settings=_settings(arguments)
+    )
     if arguments.json:
-        print_json(explanation.to_dict() | {"input": loaded.note})
+        print_json(analysis.explanation.to_dict() | {"input": loaded.note})
     else:
-        console.print(findings_table({"model": explanation}))
+        console.print(findings_table({"model": analysis.explanation}))
     return 0
+
+
+def _settings(arguments: argparse.Namespace) -> Settings:
+    return Settings(max_lag=arguments.max_lag, k=arguments.exponents, seed=arguments.seed)
 
 
 def run_jacobians(arguments: argparse.Namespace, console: Console) -> int:

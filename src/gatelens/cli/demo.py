@@ -20,14 +20,13 @@ import torch
 from rich.console import Console
 
 from gatelens import __version__
-from gatelens.analysis import credit
+from gatelens.analysis import Analysis, Settings, credit
 from gatelens.cli.analyze import analyze_with_progress
 from gatelens.cli.common import add_common_options, print_json
 from gatelens.experiments.folders import writable_folder
 from gatelens.experiments.tasks import adding_problem
 from gatelens.experiments.train import build_model, evaluate, train
 from gatelens.io import load
-from gatelens.report.analyses import Analyses
 from gatelens.report.findings import findings_table
 from gatelens.report.folder import write_report_folder
 
@@ -69,7 +68,7 @@ def run(arguments: argparse.Namespace, console: Console) -> int:
         splits = adding_problem(arguments.steps, SEQUENCES, arguments.seed).split(list(SPLIT))
         np.save(out / INPUTS, splits["test"].inputs[:, :PROBE].double().numpy())  # (T, PROBE, 2), what is analysed
         baseline = float(((splits["test"].targets - splits["train"].targets.mean()) ** 2).mean())
-        analyses: list[Analyses] = []
+        analyses: list[Analysis] = []
         training: dict[str, dict[str, Any]] = {}
         for name, kind in MODELS.items():
             network = build_model(kind, 2, arguments.hidden, 1, seed=arguments.seed)
@@ -140,10 +139,10 @@ def run(arguments: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _analyse(name: str, network: Any, test: Any, seed: int, console: Console) -> Analyses:
+def _analyse(name: str, network: Any, test: Any, seed: int, console: Console) -> Analysis:
     """Every analysis of the trained network on the first PROBE test sequences, with the task's loss."""
     inputs, targets = test.inputs[:, :PROBE].double(), test.targets[:PROBE].double()
     network = network.double()
     trace = load(network.rnn).trace(inputs)
     loss_map = credit(trace, loss="last", head=network.head, targets=targets)
-    return analyze_with_progress(trace, name, "last", seed, console, credit=loss_map)
+    return analyze_with_progress(trace, name, console, credit_map=loss_map, settings=Settings(seed=seed))

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gatelens.analysis import local_gradients, lyapunov, propagation, regimes
+from gatelens.analysis import local_gradients, lyapunov, regimes
+from gatelens.analysis.pipeline import Settings, horizon_propagation
 from gatelens.analysis.regimes import REGIMES
 from gatelens.analysis.serialize import json_number
 from gatelens.experiments.folders import writable_folder
@@ -198,7 +199,7 @@ class Monitor:
         lengths = torch.full((batch,), steps) if trace.lengths is None else trace.lengths.cpu()
         # Steps past a sequence's end are identities: from the last step T, the first T − L lags of a sequence of
         # length L are identity lags, so its own horizon is the one from T minus T − L (as gl.explain computes it).
-        from_end = propagation(trace, **part).horizon(self.eps)[0].cpu()
+        from_end = horizon_propagation(trace, Settings(eps=self.eps, max_lag=steps), **part).horizon(self.eps)[0].cpu()
         reached = from_end >= 0
         horizons = torch.where(reached, from_end - (steps - lengths), lengths)
         census = regimes(trace, **part).census.tolist()

@@ -7,7 +7,8 @@ Lyapunov exponents in nats per step.
 
     jacobian_figure          top: ‖J_t‖₂ = σ_max(∂h_t/∂h_{t−1}) per step, the median over the sequences and the band
                              between their 10th and 90th percentiles (padded steps left out); bottom: each path's
-                             share ‖P_p‖_F / Σ_q ‖P_q‖_F of J_t = Σ_p P_p, the mean over the sequences, stacked
+                             share ‖P_p‖_F / Σ_q ‖P_q‖_F of J_t = Σ_p P_p, the mean over the sequences, stacked; at
+                             every step, or at JACOBIAN_STEPS evenly spaced steps of a longer trace
     credit_heatmap           ‖C(t, k)‖_F, C(t, k) = g_t J_t ⋯ J_{k+1} ∂⁺h_k/∂θ, loss step t (rows) × source step k
                              (columns), one panel per weight block on one log colour scale spanning at most
                              DYNAMIC_RANGE; zero entries (every k > t among them) are left blank
@@ -50,6 +51,7 @@ from torch import Tensor
 from gatelens.analysis.credit import CreditMap
 from gatelens.analysis.local import LocalGradients
 from gatelens.analysis.lyapunov import Lyapunov
+from gatelens.analysis.norms import spectral_norm, starting_basis
 from gatelens.analysis.propagation import Propagation
 from gatelens.analysis.regimes import PADDING, REGIMES, UNIT_KINDS, Regimes
 from gatelens.trace import Recurrence, Trace
@@ -60,6 +62,7 @@ BAND = (0.1, 0.9)  # quantiles over the sequences shaded around the median
 DYNAMIC_RANGE = 1e10  # a credit heatmap's colours span at most this ratio; smaller entries take the lowest colour
 LABELLED_UNITS = 48  # up to this many units, the unit axes name every unit
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobian paths formed at once (64 MiB in float32)
+JACOBIAN_STEPS = 64  # steps of a longer trace at which jacobian_figure forms the Jacobians, evenly spaced
 ZERO_PRODUCT = -1e300  # ln‖∂h_t/∂h_(t−ℓ)‖₂ of an exactly zero product (−inf), for the propagation quantiles
 
 PALETTE = [*matplotlib.colormaps["tab20"].colors[0::2], *matplotlib.colormaps["tab20"].colors[1::2]]
@@ -78,12 +81,15 @@ def jacobian_figure(trace: Trace, *, layer: int | None = None, direction: str | 
 
     The share of path p at step t is ‖P_p‖_F / Σ_q ‖P_q‖_F (J_t = Σ_p P_p), averaged over the sequences. Padded
     steps (past a sequence's end) are left out of both panels, and steps whose Jacobian is 0 out of the shares.
-    layer/direction choose the recurrence as in :meth:`Trace.recurrence`.
+    layer/direction choose the recurrence as in :meth:`Trace.recurrence`. On a trace longer than JACOBIAN_STEPS, the
+    Jacobians of that many evenly spaced steps are drawn (forming all T would cost T · B · S² memory traffic and an
+    S × S spectral norm each); ‖J_t‖₂ comes from :func:`~gatelens.analysis.norms.spectral_norm` (1e-6 relative).
     """
     _require(trace, Trace, "jacobian_figure", "a Trace (from model.trace(x))")
     rec = trace.recurrence(layer, direction)
-    norms, shares = _jacobian_norms(rec)
-    steps = np.arange(1, rec.steps + 1)
+    drawn = np.unique(np.linspace(0, rec.steps - 1, min(rec.steps, JACOBIAN_STEPS)).round().astype(int))
+    norms, shares = _jacobian_norms(rec, drawn)
+    steps = drawn + 1
     figure = Figure(figsize=(WIDTH, 6.0), layout="constrained")
     top, bottom = figure.subplots(2, 1, sharex=True)
 
@@ -115,12 +121,27 @@ def credit_heatmap(credit_map: CreditMap, *, blocks: str | Sequence[str] | None 
 
     blocks: the block names to show (``"l0.W_iz"``, …; default: every block of the model). All panels share one
     log colour scale from the largest entry down to at most DYNAMIC_RANGE below it; zero entries are blank. A
-    reverse direction's blocks are indexed in its own processing order, as the credit map holds them.
+    reverse direction's blocks are indexed in its own processing order, as the credit map holds them. A map
+    restricted to some loss steps (``CreditMap.at_loss_steps``) draws those rows alone, each stretched over the
+    steps around it (evenly spaced steps give even bands); on a reverse direction, whose rows are in processing
+    order, the rows with any credit are drawn.
     """
     _require(credit_map, CreditMap, "credit_heatmap", "a CreditMap (from gl.credit)")
     chosen = _blocks(credit_map, blocks, "credit_heatmap")
-    maps = {name: _numpy(credit_map.norms[name]) for name in chosen}
-    steps = next(iter(maps.values())).shape[0]
+    steps = len(credit_map.out_grads)
+    rows_of = {name: credit_map.norm_rows[name] for name in chosen}
+    drawn = np.arange(steps)
+    if credit_map.loss_steps is not None:  # the rows kept, or on a reverse direction the rows it reaches
+        drawn = np.unique(np.concatenate([_numpy(loss_steps) for loss_steps, _ in rows_of.values()]))
+        drawn = drawn if drawn.size else np.arange(steps)
+    position = {int(step): index for index, step in enumerate(drawn)}
+    maps = {}
+    for name, (loss_steps, values) in rows_of.items():
+        maps[name] = np.zeros((drawn.size, steps))
+        for step, row in zip(loss_steps.tolist(), _numpy(values)):
+            maps[name][position[step]] = row
+    spacing = (drawn[-1] - drawn[0]) / (drawn.size - 1) if drawn.size > 1 else 1.0
+    top, bottom = drawn[0] + 1 - spacing / 2, drawn[-1] + 1 + spacing / 2  # 1-based steps, as on the axes
     rows = math.ceil(len(chosen) / 4)
     columns = math.ceil(len(chosen) / rows)
     figure = Figure(figsize=(WIDTH, rows * min(3.0, 8.0 / columns) + 0.9), layout="constrained")
@@ -141,7 +162,8 @@ def credit_heatmap(credit_map: CreditMap, *, blocks: str | Sequence[str] | None 
             norm=norm,
             cmap=cmap,
             interpolation="nearest",
-            extent=(0.5, steps + 0.5, steps + 0.5, 0.5),
+            extent=(0.5, steps + 0.5, bottom, top),
+            aspect="auto" if drawn.size < steps else "equal",
         )
         ax.set_title(name, fontsize="medium")
         outer_x, outer_y = index + columns >= len(chosen), index % columns == 0  # no panel below, or to the left
@@ -383,21 +405,23 @@ def to_png(figure: Figure, dpi: float = DPI) -> bytes:
 # What the figures compute.
 
 
-def _jacobian_norms(rec: Recurrence) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """‖J_t‖₂ (T, B) and each path's share ‖P_p‖_F / Σ_q ‖P_q‖_F (T, B), float64; NaN on padded steps, and the
-    shares also where J_t = 0. A chunk of steps at a time, so the (T, B, S, S) paths are never all held."""
+def _jacobian_norms(rec: Recurrence, drawn: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """‖J_t‖₂ (steps, B) and each path's share ‖P_p‖_F / Σ_q ‖P_q‖_F (steps, B) at the step indices ``drawn``,
+    float64; NaN on padded steps, and the shares also where J_t = 0. A chunk of steps at a time, so the paths of
+    all of them are never held at once."""
     batch, size = rec.states.shape[1:]
     names = rec.cell.path_names
     chunk = max(1, CHUNK_ELEMENTS // (batch * size * size * (len(names) + 2)))
+    start = starting_basis(size, rec.states.dtype, rec.states.device)
     norms, flows = [], []
-    for start in range(0, rec.steps, chunk):
-        window = slice(start, start + chunk)
-        norms.append(torch.linalg.matrix_norm(rec.jacobians(steps=window), ord=2))
+    for first in range(0, len(drawn), chunk):
+        window = torch.as_tensor(drawn[first : first + chunk])
+        norms.append(spectral_norm(rec.jacobians(steps=window), start)[0])
         paths = rec.jacobian_paths(steps=window)  # its "padding" path is not read: padded steps are left out
         flows.append(torch.stack([torch.linalg.matrix_norm(paths[name]) for name in names]))  # (P, C, B)
     norm, flow = _numpy(torch.cat(norms)), _numpy(torch.cat(flows, dim=1))
     total = flow.sum(0)
-    valid = np.ones(norm.shape, dtype=bool) if rec.mask is None else rec.mask.cpu().numpy()
+    valid = np.ones(norm.shape, dtype=bool) if rec.mask is None else rec.mask.cpu().numpy()[drawn]
     shares = np.divide(flow, total, out=np.full_like(flow, np.nan), where=valid & (total > 0))
     return np.where(valid, norm, np.nan), dict(zip(names, shares))
 

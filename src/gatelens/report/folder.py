@@ -15,15 +15,14 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from gatelens.analysis import CreditMap
+from gatelens.analysis import Analysis, CreditMap
 from gatelens.report import figures
-from gatelens.report.analyses import Analyses
 from gatelens.report.html import ReportFigure, write_report
 
 
 def write_report_folder(
     out: Path,
-    analyses: Sequence[Analyses],
+    analyses: Sequence[Analysis],
     *,
     results: dict[str, Any],
     title: str,
@@ -53,8 +52,8 @@ def write_report_folder(
     return files
 
 
-def report_figures(analyses: Sequence[Analyses]) -> list[ReportFigure]:
-    """Every figure of the report, named, titled and captioned."""
+def report_figures(analyses: Sequence[Analysis]) -> list[ReportFigure]:
+    """Every figure of the report whose analyses were run, named, titled and captioned."""
     entries: list[ReportFigure] = []
     several = len(analyses) > 1
 
@@ -76,61 +75,77 @@ def report_figures(analyses: Sequence[Analyses]) -> list[ReportFigure]:
                 "each path's share of the Jacobian, step by step.",
                 figures.jacobian_figure(item.trace, layer=part.layer, direction=part.direction),
             )
-            add(
-                "regimes",
-                own,
-                f"{prefix}gate regimes{where}",
-                "Each unit (row) at each step (column) of the first sequence: carry keeps its value, blocked lets "
-                "nothing through, Elman-like is overwritten every step.",
-                figures.regime_map(part.regimes),
+            if part.regimes is not None:
+                add(
+                    "regimes",
+                    own,
+                    f"{prefix}gate regimes{where}",
+                    "Each unit (row) at each step (column) of the first sequence: carry keeps its value, blocked lets "
+                    "nothing through, Elman-like is overwritten every step.",
+                    figures.regime_map(part.regimes),
+                )
+                add(
+                    "timescales",
+                    own,
+                    f"{prefix}unit timescales{where}",
+                    "τ = 1/(1 − mean carry) per unit, sorted: units above the upper line are long-term memory, below "
+                    "the lower line short-term.",
+                    figures.unit_timescales(part.regimes),
+                )
+        if item.credit_rows is not None and item.credit is not None:
+            by_step = item.credit_rows
+            probe = (
+                " (a probe loss at every step: the chosen loss has few loss steps)" if item.credit_rows_probe else ""
             )
             add(
-                "timescales",
-                own,
-                f"{prefix}unit timescales{where}",
-                "τ = 1/(1 − mean carry) per unit, sorted: units above the upper line are long-term memory, below "
-                "the lower line short-term.",
-                figures.unit_timescales(part.regimes),
+                "credit",
+                owner,
+                f"{prefix}credit map per weight matrix{probe}",
+                "How much of each weight's gradient the loss at step t (rows) takes from the input at step k "
+                "(columns), ‖C(t, k)‖ on a log colour scale: mass far left of the diagonal is long-range credit. "
+                f"At most {item.settings.heatmap_rows} loss steps, evenly spaced, are computed; each row of the "
+                "image is the loss step at its centre.",
+                figures.credit_heatmap(by_step, blocks=weights(by_step)),
             )
-        by_step = item.credit_by_step
-        probe = "" if by_step is item.credit else " (a probe loss at every step: the chosen loss has few loss steps)"
-        add(
-            "credit",
-            owner,
-            f"{prefix}credit map per weight matrix{probe}",
-            "How much of each weight's gradient the loss at step t (rows) takes from the input at step k "
-            "(columns), ‖C(t, k)‖ on a log colour scale: mass far left of the diagonal is long-range credit.",
-            figures.credit_heatmap(by_step, blocks=weights(by_step)),
-        )
-        add(
-            "lags",
-            owner,
-            f"{prefix}credit by time lag and gradient propagation",
-            "Left: the size of each weight matrix's gradient by lag t − k. Right: log‖∂h_T/∂h_(T−ℓ)‖ over ℓ; the "
-            "gradient horizon is where it falls below the dashed line.",
-            figures.lag_profile(item.credit, item.recurrences[0].propagation, blocks=weights(item.credit)),
-        )
+            add(
+                "lags",
+                owner,
+                f"{prefix}credit by time lag and gradient propagation",
+                "Left: the size of each weight matrix's gradient by lag t − k. Right: log‖∂h_T/∂h_(T−ℓ)‖ over ℓ; "
+                "the gradient horizon is where it falls below the dashed line.",
+                figures.lag_profile(
+                    item.credit,
+                    item.recurrences[0].propagation,
+                    blocks=weights(item.credit),
+                    eps=item.settings.eps,
+                ),
+            )
     locals_, exponents = {}, {}
     for item in analyses:
         for part in item.recurrences:
             label = " ".join(filter(None, (item.name if several else "", part.label)))
-            locals_[label], exponents[label] = part.local, part.lyapunov
-    add(
-        "local-gradients",
-        "",
-        "local gradients",
-        "The largest ‖∂⁺h_k/∂θ‖_F at each step, per model: the size of the gradient a weight gets from one step "
-        "before any propagation through time.",
-        figures.local_gradients_figure(locals_),
-    )
-    add(
-        "lyapunov",
-        "",
-        "Lyapunov spectrum",
-        "The exponents of the state's trajectory, largest first (nats per step): all below 0 means every "
-        "perturbation, and so every gradient, decays exponentially.",
-        figures.lyapunov_spectrum(exponents),
-    )
+            if part.local is not None:
+                locals_[label] = part.local
+            if part.lyapunov is not None:
+                exponents[label] = part.lyapunov
+    if locals_:
+        add(
+            "local-gradients",
+            "",
+            "local gradients",
+            "The largest ‖∂⁺h_k/∂θ‖_F at each step, per model: the size of the gradient a weight gets from one "
+            "step before any propagation through time.",
+            figures.local_gradients_figure(locals_),
+        )
+    if exponents:
+        add(
+            "lyapunov",
+            "",
+            "Lyapunov spectrum",
+            "The top exponents of the state's trajectory, largest first (nats per step): all below 0 means every "
+            "perturbation, and so every gradient, decays exponentially.",
+            figures.lyapunov_spectrum(exponents),
+        )
     return entries
 
 
