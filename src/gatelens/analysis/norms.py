@@ -54,9 +54,10 @@ def spectral_norm(matrix: Tensor, basis: Tensor, rtol: float = SPECTRAL_RTOL) ->
 
     U ← qr(M Mᵀ U); the estimate σ = σ₁(Mᵀ U) is a lower bound that increases to σ₁, its steps shrinking by
     ρ ≈ (σ_{p+1}/σ₁)² per iteration. With ρ read off two consecutive steps Δ, the remaining error is about
-    Δ ρ / (1 − ρ); the iteration stops once that and the last step Δ itself are below rtol · σ (or σ = 0). Matrices that have not converged in
-    SPECTRAL_ITERATIONS get torch.linalg.svdvals. Where the top singular values cluster the steps are not geometric
-    and the estimate of the remaining error is rough: tested against the SVD to 1e-4 relative (lower bound).
+    Δ ρ / (1 − ρ); the iteration stops once that and the last step Δ itself are below rtol · σ (or σ = 0).
+    Matrices that have not converged in SPECTRAL_ITERATIONS get torch.linalg.svdvals. Where the top singular values
+    cluster the steps are not geometric and the estimate of the remaining error is rough: tested against the SVD to
+    1e-4 relative (lower bound).
     Cost: 2 products of (R × C) with (C × p) per iteration, against O(R·C·min(R, C)) for an SVD.
     """
     estimate = change = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
