@@ -176,7 +176,7 @@ def test_analyze_writes_results_figures_and_report(tmp_path: Path, capsys: pytes
     (part,) = result["recurrences"].values()  # a unidirectional stack is one recurrence
     assert {"regimes", "propagation", "local_gradients", "lyapunov"} <= set(part)
     exponents = part["lyapunov"]["exponents"]
-    assert len(exponents) == B and len(exponents[0]) == min(gl.analysis.pipeline.EXPONENTS, 2 * H)
+    assert len(exponents) == B and len(exponents[0]) == min(8, 2 * H)
     topics = {finding["topic"] for finding in result["explanation"]["findings"]}
     assert topics == {"regimes", "timescales", "horizon", "blocking", "local gradients", "lyapunov"}
     pngs = sorted(path.name for path in out.glob("*.png"))

@@ -13,13 +13,15 @@ more, and for a GRU with reset "before" or an LSTM with a projection under anoth
 them as tests/test_flow_properties.py does: stacks of mixed layers read forward, backwards or both ways, padded
 batches, saturated gates (gate biases pushed by up to ±40, weights × 3).
 
-Tolerance: RTOL = 1e-10 relative. Sums of squares with no cancellation (every local-gradient energy is a sum of
-non-negative terms) are compared entry by entry, so a tiny local gradient at a saturated gate must be exact too; path
-products, which do cancel, as max |error| over a step's batch and state relative to the largest entry there.
+Tolerance: RTOL = 1e-10 relative. The sums of squares do not cancel (each is a sum of non-negative terms; the signed
+cross terms of a feed's column energies are added to the one-hots' 1), so they are compared entry by entry: a tiny
+local gradient at a saturated gate must be exact too. Path products, which do cancel, as max |error| over a step's
+batch and state relative to the largest entry there.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -343,3 +345,24 @@ def test_a_cell_with_the_protocol_defaults_only_gives_the_same_results() -> None
     shares, expected_shares = gl.credit(defaults, g).path_shares, gl.credit(built_in, g).path_shares
     for name, share in expected_shares.items():
         assert float((shares[name] - share).abs().max()) <= 4 * RTOL, name
+
+
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=str)
+def test_results_do_not_depend_on_the_chunk_of_steps(case: CellCase, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks sized by Cell.covector_elements, and chunks of one step, give the same local gradients and path
+    shares (padded, so a chunk may hold padded and valid steps)."""
+    cell = case.build()
+    trace = gl.Model(cell).trace(_randn(6, 3, I, seed=51), lengths=[6, 2, 5])
+    g = _randn(*trace.output.shape, seed=52)
+    local, shares = gl.local_gradients(trace).norms, gl.credit(trace, g).path_shares
+    for module in (
+        importlib.import_module("gatelens.analysis.local"),
+        importlib.import_module("gatelens.analysis.credit"),
+    ):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1)
+    for name, norms in gl.local_gradients(trace).norms.items():
+        assert torch.equal(norms.isnan(), local[name].isnan()) and torch.allclose(
+            norms, local[name], rtol=RTOL, equal_nan=True
+        ), name
+    for name, share in gl.credit(trace, g).path_shares.items():
+        assert torch.allclose(share, shares[name], rtol=RTOL, atol=RTOL), name

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 import gatelens as gl
+from gatelens.cells import NormBounds
 from tests.cell_configs import CELL_CASES, F64, CellCase, reference_step, relative_error, scaled
 from tests.test_flow_properties import (
     LONG_MEMORY_BIDIRECTIONAL,
@@ -118,7 +119,7 @@ def _gives_the_norm(cell: gl.Cell) -> bool:
     return isinstance(cell, gl.Elman) or (isinstance(cell, gl.LSTM) and "W_proj" not in cell.weights)
 
 
-def _assert_bounds(bounds: gl.cells.base.NormBounds, norm: Tensor, exact: bool, what: object) -> None:
+def _assert_bounds(bounds: NormBounds, norm: Tensor, exact: bool, what: object) -> None:
     assert bounds.lower.shape == bounds.upper.shape == norm.shape, what
     if exact:
         assert torch.equal(bounds.lower, bounds.upper), what

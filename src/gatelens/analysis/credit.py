@@ -604,9 +604,7 @@ def path_shares(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
     """‖ā_{i+1} P_p[i]‖_F / Σ_q ‖ā_{i+1} P_q[i]‖_F for every path p, (T,) each; 0 where no adjoint arrives.
 
     The products ā P_p come from the cell without forming P_p (:meth:`Recurrence.path_vjps`)."""
-    batch, size = adjoints.shape[1:]
-    # a cell without matrix-free path products forms its paths: bound them, (C, B, S, S) per path
-    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size * (len(rec.cell.path_names) + 1)))
+    chunk = max(1, CHUNK_ELEMENTS // (adjoints.shape[1] * rec.cell.covector_elements))
     flows: dict[str, list[Tensor]] = {}
     for start in range(0, rec.steps, chunk):
         window = slice(start, min(start + chunk, rec.steps))

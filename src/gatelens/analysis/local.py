@@ -31,7 +31,7 @@ from gatelens.analysis.norms import frobenius
 from gatelens.analysis.serialize import json_list
 from gatelens.trace import Trace
 
-CHUNK_ELEMENTS = 1 << 24  # elements of one-hot adjoints a cell without closed forms forms at once (64 MiB in float32)
+CHUNK_ELEMENTS = 1 << 24  # elements a cell's sums form at once (64 MiB in float32; see Cell.covector_elements)
 QUANTILES = {"median": 0.5, "p95": 0.95}
 
 
@@ -85,9 +85,7 @@ def local_gradients(trace: Trace, *, layer: int | None = None, direction: str | 
         raise TypeError(f"local_gradients needs a Trace (from model.trace(x)), got {type(trace).__name__}")
     rec = trace.recurrence(layer, direction)
     steps, batch = rec.input_index.shape
-    size = rec.cell.state_size
-    widest = max(max(w.shape[0] for w in rec.cell.weights.values()), size)
-    chunk = max(1, CHUNK_ELEMENTS // (size * batch * widest))  # bounds the one-hot adjoints of a generic cell
+    chunk = max(1, CHUNK_ELEMENTS // (batch * rec.cell.covector_elements))
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, steps, chunk):
         for name, (energy, inputs) in rec.param_energies(steps=slice(start, min(steps, start + chunk))).items():

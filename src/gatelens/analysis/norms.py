@@ -17,6 +17,7 @@ ROWS_AT_ONCE = 1024  # leading entries rescaled together (bounds the temporary c
 SPECTRAL_RTOL = 1e-6  # the subspace iteration stops once its estimated remaining error is below this, relative
 SPECTRAL_BLOCK = 8  # vectors of the subspace iteration
 SPECTRAL_ITERATIONS = 100  # at most this many; a matrix that has not converged by then gets an exact SVD
+NOISE = 16  # a step of the estimate below this many machine epsilons of it is rounding: the iteration has converged
 
 
 def frobenius(values: Tensor, dims: int) -> Tensor:
@@ -54,7 +55,8 @@ def spectral_norm(matrix: Tensor, basis: Tensor, rtol: float = SPECTRAL_RTOL) ->
 
     U ← qr(M Mᵀ U); the estimate σ = σ₁(Mᵀ U) is a lower bound that increases to σ₁, its steps shrinking by
     ρ ≈ (σ_{p+1}/σ₁)² per iteration. With ρ read off two consecutive steps Δ, the remaining error is about
-    Δ ρ / (1 − ρ); the iteration stops once that and the last step Δ itself are below rtol · σ (or σ = 0).
+    Δ ρ / (1 − ρ); the iteration stops once that and the last step Δ itself are below rtol · σ, or once Δ is
+    within rounding, NOISE · eps · σ (which also covers σ = 0).
     Matrices that have not converged in SPECTRAL_ITERATIONS get torch.linalg.svdvals. Where the top singular values
     cluster the steps are not geometric and the estimate of the remaining error is rough: tested against the SVD to
     1e-4 relative (lower bound).
@@ -69,7 +71,8 @@ def spectral_norm(matrix: Tensor, basis: Tensor, rtol: float = SPECTRAL_RTOL) ->
         change = (estimate - previous).abs()
         rate = (change / torch.where(previous_change > 0, previous_change, 1.0)).clamp(max=0.999)
         remaining = torch.maximum(change, change * rate / (1 - rate))  # the last step, and what may follow
-        settled = ((remaining <= rtol * estimate) & (previous_change > 0)) | (estimate == 0)
+        converged = (remaining <= rtol * estimate) & (previous_change > 0)
+        settled = converged | (change <= NOISE * torch.finfo(matrix.dtype).eps * estimate)
         if bool(settled.all()):
             break
         basis = torch.linalg.qr(matrix @ right).Q

@@ -42,7 +42,7 @@ from gatelens.analysis.blocking import Blocking, blocking, probe_credits
 from gatelens.analysis.credit import CreditMap
 from gatelens.analysis.explain import Explanation, explanation_of
 from gatelens.analysis.local import LocalGradients, local_gradients
-from gatelens.analysis.lyapunov import Lyapunov, lyapunov
+from gatelens.analysis.lyapunov import DEFAULT_EXPONENTS, Lyapunov, lyapunov
 from gatelens.analysis.propagation import Propagation, propagation
 from gatelens.analysis.regimes import Regimes, check_thresholds, regimes
 from gatelens.analysis.serialize import json_list
@@ -53,7 +53,6 @@ from gatelens.trace import DIRECTIONS, Trace
 STAGES = ("credit", "regimes", "propagation", "local", "lyapunov", "blocking")
 PROBES = {"last": "many-to-one", "all": "many-to-many"}  # --loss → the probe loss it stands for
 MAX_LAG = 256  # lags of propagation past the longest padding, unless every sequence falls below eps sooner
-EXPONENTS = 8  # Lyapunov exponents followed by default
 HEATMAP_ROWS = 64  # loss steps of the loss step × source step map
 
 Listener = Callable[[str, float, float], None]  # (stage, done, total)
@@ -66,7 +65,7 @@ class Settings:
 
     eps: float = 1e-3
     max_lag: int = MAX_LAG
-    k: int = EXPONENTS
+    k: int = DEFAULT_EXPONENTS
     thresholds: float | tuple[float, float] = (0.1, 0.9)
     tol: float = 0.1
     seed: int = 0
@@ -244,7 +243,7 @@ def explain(
     tol: float = 0.1,
     seed: int = 0,
     max_lag: int = MAX_LAG,
-    k: int = EXPONENTS,
+    k: int = DEFAULT_EXPONENTS,
 ) -> Explanation:
     """The findings about ``trace`` (:mod:`gatelens.analysis.explain`): :func:`analyze` without the credit stage.
 

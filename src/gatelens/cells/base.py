@@ -47,6 +47,7 @@ Two sums over many covectors at once serve the analyses that need one number per
     param_energies(cache, above)     {block: FactorEnergy}    Σ_j ‖δ_θ(w_j)‖² over the one-hots w_j = e_j on s' (and
                                                               the covectors ``above`` on the output), with u_θ
     input_energies(cache)            (..., I)                 Σ_j (∂s'_j/∂x_i)²: the one-hots pulled back to x
+    covector_elements                int                      elements per step and sequence these form, at most
 
 Again the base class forms the paths, the Jacobian and one adjoint per one-hot; the built-in cells use closed forms:
 most adjoints are v ⊙ d for a gain d per unit, so their sum over the one-hots is Σ_i d_i², O(S) per step.
@@ -66,6 +67,7 @@ from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activa
 
 CellT = TypeVar("CellT", bound="Cell")
 Clamp = Mapping[str, tuple[Tensor, Tensor]]  # gate name ↦ (value, where), both broadcastable to (B, units)
+CLOSED_FORM_VECTORS = 32  # vectors of S per step and sequence that a built-in cell's sums form at most (in float32)
 
 
 class MemoryGates(NamedTuple):
@@ -221,6 +223,14 @@ class Cell(ABC):
         """
         row = v.unsqueeze(-2)
         return {name: (row @ path).squeeze(-2) for name, path in self.jacobian_paths(cache).items()}
+
+    @property
+    def covector_elements(self) -> int:
+        """Elements per step and sequence, at most, that :meth:`path_vjps`, :meth:`param_energies` (over the one-hots)
+        and :meth:`input_energies` form: analyses size their chunks of steps by it. These defaults form every path
+        (S × S each), one adjoint per one-hot (S × the widest block's output) and ∂s'/∂x (S × I)."""
+        blocks = max(w.shape[0] for w in self.weights.values())
+        return self.state_size * max(blocks, self.input_size, self.state_size * len(self.path_names))
 
     @property
     def energies_need_rows(self) -> bool:
@@ -393,6 +403,12 @@ def perturbed_norm_bounds(rows: Tensor, spread: Tensor) -> NormBounds:
 def spectral_norm(matrix: Tensor) -> Tensor:
     """‖W‖₂, the largest singular value: ‖u W‖ ≤ ‖u‖ ‖W‖₂ for every row vector u."""
     return torch.linalg.matrix_norm(matrix, ord=2)
+
+
+def closed_form_elements(cell: Cell) -> int:
+    """:attr:`Cell.covector_elements` of a cell whose sums are closed forms: CLOSED_FORM_VECTORS vectors of S and of
+    I (the largest are the pair products of :func:`scaled_sum_energies`, up to 16 pairs of H in float64)."""
+    return CLOSED_FORM_VECTORS * (cell.state_size + cell.input_size)
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:

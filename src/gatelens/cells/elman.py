@@ -32,6 +32,7 @@ from gatelens.cells.base import (
     NormBounds,
     affine,
     check_no_clamp,
+    closed_form_elements,
     covector_weights,
     diag_times,
     scaled_sum_energies,
@@ -154,6 +155,8 @@ class Elman(Cell):
     def path_vjps(self, cache: ElmanCache, v: Tensor) -> dict[str, Tensor]:
         """The one path's v · J."""
         return {"recurrent": self.state_vjp(cache, v)}
+
+    covector_elements = property(closed_form_elements)
 
     @property
     def energies_need_rows(self) -> bool:

@@ -63,6 +63,7 @@ from gatelens.cells.base import (
     NormBounds,
     affine,
     check_choice,
+    closed_form_elements,
     covector_rows,
     covector_weights,
     diag_times,
@@ -364,6 +365,13 @@ class GRU(Cell):
             "candidate": candidate * cache.r if self.reset == "before" else candidate,
             "reset": g["r"] @ w["W_hr"],
         }
+
+    @property
+    def covector_elements(self) -> int:
+        """Closed forms (:func:`closed_form_elements`); reset "before" forms ∂h'/∂x in input_energies, through
+        diag(g) W_hn diag(h ⊙ σ'(a_r)) (H × H, then H × I)."""
+        formed = self.state_size * (self.state_size + self.input_size) if self.reset == "before" else 0
+        return closed_form_elements(self) + formed
 
     @property
     def energies_need_rows(self) -> bool:

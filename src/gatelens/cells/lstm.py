@@ -51,6 +51,7 @@ from gatelens.cells.base import (
     MemoryGates,
     NormBounds,
     affine,
+    closed_form_elements,
     covector_rows,
     covector_weights,
     diag_times,
@@ -343,6 +344,13 @@ class LSTM(Cell):
             path: torch.nn.functional.pad(through_gates[gate], (0, self.hidden_size))
             for path, gate in PATH_GATES.items()
         }
+
+    @property
+    def covector_elements(self) -> int:
+        """Closed forms (:func:`closed_form_elements`); with a projection input_energies forms ∂s'/∂x (its c-rows, the
+        rows of ∂m/∂x and their projection: at most 4 S × I)."""
+        formed = 4 * self.state_size * self.input_size if "W_proj" in self.weights else 0
+        return closed_form_elements(self) + formed
 
     @property
     def energies_need_rows(self) -> bool:

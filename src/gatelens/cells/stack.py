@@ -218,7 +218,9 @@ class Stack(Cell):
         The diagonal blocks give L² = Σ_m L_m². Column block m holds K^l ⋯ K^{m+1} J^m for l ≥ m, each of norm at most
         V_l ⋯ V_{m+1} U_m (‖AB‖_F ≤ ‖A‖_F ‖B‖_F), so U² = Σ_m U_m² ρ_m with ρ_{L−1} = 1, ρ_m = 1 + V_{m+1}² ρ_{m+1}.
         """
-        lower, upper, reach = [], [], 1.0
+        lower: list[Tensor] = []
+        upper: list[Tensor] = []
+        reach: Tensor | float = 1.0  # ρ_m
         for index in range(len(self.cells) - 1, -1, -1):
             cell, layer_cache = self.cells[index], cache[index]
             bounds = cell.jacobian_norm_bounds(layer_cache)
@@ -251,6 +253,24 @@ class Stack(Cell):
         return vjps
 
     @property
+    def covector_elements(self) -> int:
+        """The layers' own, and wherever :meth:`_passed_down` forms the feed K^{m+1} (the rows reach layer m, or rows
+        from further up pass through it): K^{m+1}, the rows and their images, J_m × O_m each (J_m = S_{m+1} + ⋯),
+        counted as 4 J_m × O_m."""
+        own = sum(cell.covector_elements for cell in self.cells)
+        rows = [
+            4 * sum(above.state_size for above in self.cells[index + 1 :]) * self.cells[index].output_size
+            for index in range(len(self.cells) - 1)
+            if self._rows_reach(index) or index + 2 < len(self.cells)
+        ]
+        return own + sum(rows)
+
+    def _rows_reach(self, index: int) -> bool:
+        """Whether the covectors from above reach layer ``index`` (below the top) as rows, not only as column energies:
+        where the layer needs them, or passes them further down (the products K^l ⋯ K^{index+1})."""
+        return index > 0 or self.cells[index].energies_need_rows
+
+    @property
     def energies_need_rows(self) -> bool:
         """Covectors on the top layer's output reach the layers below only through products with the feeds."""
         return len(self.cells) > 1 or self.cells[0].energies_need_rows
@@ -273,7 +293,7 @@ class Stack(Cell):
         needs them or passes them on."""
         cell, layer_cache = self.cells[index], cache[index]
         energies = cell.input_energies(layer_cache)
-        needs_rows = index > 1 or self.cells[index - 1].energies_need_rows
+        needs_rows = self._rows_reach(index - 1)
         if above is None and not needs_rows:
             return Covectors(energies, None)
         feed = cell.input_jacobian(layer_cache)  # (..., B, S_index, O_{index−1})

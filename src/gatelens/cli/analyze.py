@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gatelens.analysis import Analysis, Settings, analyze, probe_credits
-from gatelens.analysis.pipeline import EXPONENTS, MAX_LAG, PROBES, STAGES, recurrence_parts
+from gatelens.analysis.lyapunov import DEFAULT_EXPONENTS
+from gatelens.analysis.pipeline import MAX_LAG, PROBES, STAGES, recurrence_parts
 from gatelens.cli.common import add_model_options, load_and_trace, print_json
 from gatelens.experiments.folders import writable_folder
 from gatelens.report.findings import findings_table
@@ -95,7 +96,10 @@ def add_stage_options(command: argparse.ArgumentParser) -> None:
         "sequence is below eps",
     )
     stages.add_argument(
-        "--exponents", type=int, default=EXPONENTS, help=f"Lyapunov exponents to follow, the largest ({EXPONENTS})"
+        "--exponents",
+        type=int,
+        default=DEFAULT_EXPONENTS,
+        help=f"Lyapunov exponents to follow, the largest ({DEFAULT_EXPONENTS})",
     )
 
 
