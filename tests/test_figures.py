@@ -150,8 +150,9 @@ def test_jacobian_figure_draws_norms_and_path_shares(case):
             median[i], low[i], high[i] = (np.quantile(norms[i, valid[i]], q) for q in (0.5, 0.1, 0.9))
     line = _line(top, "median over sequences")
     np.testing.assert_array_equal(line.get_xdata(), steps)
-    np.testing.assert_allclose(line.get_ydata(), median, rtol=rtol)
-    _assert_edges(top.collections[0], steps, low, high, rtol)
+    spectral = max(rtol, 1e-5)  # ‖J_t‖₂ by subspace iteration: within 1e-6 relative (figures.jacobian_figure)
+    np.testing.assert_allclose(line.get_ydata(), median, rtol=spectral)
+    _assert_edges(top.collections[0], steps, low, high, spectral)
     if padded:
         assert np.isnan(line.get_ydata()[-2:]).all()  # no sequence reaches steps 11 and 12
 
