@@ -122,7 +122,7 @@ def lyapunov(
     layer/direction choose the recurrence as in :meth:`Trace.recurrence`. ``windows`` consecutive windows of the
     counted steps give the finite-time exponents (default: 10, or one per counted step when there are fewer).
     """
-    trace = _trace(source, x, h0, lengths)
+    trace = traced(source, x, h0, lengths, "lyapunov")
     rec = trace.recurrence(layer, direction)
     steps, batch = rec.input_index.shape
     size = rec.cell.state_size
@@ -206,17 +206,17 @@ def _qr_step(product: Tensor, tolerance: _Tolerance, order: Tensor | None) -> tu
     return q, order, torch.where(dead, -math.inf, diagonal.log())
 
 
-def _trace(source: Any, x: Any, h0: InitialState, lengths: Any) -> Trace:
-    """The trace to analyse: ``source`` itself, or ``source.trace(x, h0, lengths=lengths)`` for a Model."""
+def traced(source: Any, x: Any, h0: InitialState, lengths: Any, caller: str) -> Trace:
+    """The trace ``caller`` analyses: ``source`` itself, or ``source.trace(x, h0, lengths=lengths)`` for a Model."""
     if isinstance(source, Trace):
         if x is not None or h0 is not None or lengths is not None:
-            raise TypeError("lyapunov(trace) takes no x, h0 or lengths: the trace already holds them")
+            raise TypeError(f"{caller}(trace) takes no x, h0 or lengths: the trace already holds them")
         return source
     if isinstance(source, Model):
         if x is None:
-            raise TypeError("lyapunov(model, x) needs the inputs x to drive the model")
+            raise TypeError(f"{caller}(model, x) needs the inputs x to drive the model")
         return source.trace(x, h0, lengths=lengths)
-    raise TypeError(f"lyapunov needs a gatelens Model with inputs x, or a Trace; got {type(source).__name__}")
+    raise TypeError(f"{caller} needs a gatelens Model with inputs x, or a Trace; got {type(source).__name__}")
 
 
 def _count(name: str, value: Any, low: int, high: int) -> int:

@@ -42,7 +42,7 @@ from gatelens.analysis.blocking import Blocking, blocking, probe_credits
 from gatelens.analysis.credit import CreditMap
 from gatelens.analysis.explain import Explanation, explanation_of
 from gatelens.analysis.local import LocalGradients, local_gradients
-from gatelens.analysis.lyapunov import DEFAULT_EXPONENTS, Lyapunov, lyapunov
+from gatelens.analysis.lyapunov import DEFAULT_EXPONENTS, Lyapunov, lyapunov, traced
 from gatelens.analysis.propagation import Propagation, propagation
 from gatelens.analysis.regimes import Regimes, check_thresholds, regimes
 from gatelens.analysis.serialize import json_list
@@ -171,7 +171,7 @@ def analyze(
     without it, the probe loss ``loss`` ("last" or "all"). only/skip: stage names from STAGES. ``progress(stage,
     done, total)`` hears how far each stage has got.
     """
-    trace = _trace(source, x, h0, lengths)
+    trace = traced(source, x, h0, lengths, "analyze")
     settings = Settings() if settings is None else settings
     chosen = chosen_stages(only, skip)
     maps = _credit_maps(trace, credit_map, loss, settings.seed)
@@ -341,16 +341,3 @@ def _credit_maps(
 def _lyapunov(trace: Trace, k: int, *, layer: int | None, direction: str | None) -> Lyapunov:
     size = trace.recurrence(layer, direction).cell.state_size
     return lyapunov(trace, k=min(size, k), layer=layer, direction=direction)
-
-
-def _trace(source: Any, x: Any, h0: InitialState, lengths: Any) -> Trace:
-    """``source`` itself, or ``source.trace(x, h0, lengths=lengths)`` for a Model."""
-    if isinstance(source, Trace):
-        if x is not None or h0 is not None or lengths is not None:
-            raise TypeError("analyze(trace) takes no x, h0 or lengths: the trace already holds them")
-        return source
-    if isinstance(source, Model):
-        if x is None:
-            raise TypeError("analyze(model, x) needs the inputs x to drive the model")
-        return source.trace(x, h0, lengths=lengths)
-    raise TypeError(f"analyze needs a gatelens Model with inputs x, or a Trace; got {type(source).__name__}")
