@@ -171,6 +171,15 @@ class Recurrence:
         identity = self.cell.state_size**0.5
         return NormBounds(*(torch.where(mask, bound, identity) for bound in bounds))
 
+    def jacobian_row_bounds(self, steps: Steps = None) -> NormBounds:
+        """lower ≤ ‖J[i][j, :]‖₂ ≤ upper for every row j of the chosen steps, shape (T, B, S) each, without forming J
+        (:meth:`Cell.jacobian_row_bounds`); 1, exactly, on padded steps (J = I)."""
+        cache, mask, _ = self._select(steps)
+        bounds = self.cell.jacobian_row_bounds(cache)
+        if mask is None:
+            return bounds
+        return NormBounds(*(torch.where(mask[..., None], bound, 1.0) for bound in bounds))
+
     def input_vjp(self, v: Tensor, steps: Steps = None) -> Tensor:
         """v · ∂h_{i+1}/∂x_{i+1} for the chosen steps (zero on padded steps)."""
         cache, mask, lead = self._select(steps)
@@ -187,6 +196,17 @@ class Recurrence:
         """:meth:`param_vjp` in factored form (see :class:`~gatelens.cells.Factor`), zero on padded steps."""
         cache, v = self._parameter_adjoint(v, steps)
         return self.qualify(self.cell.param_factors(cache, v))
+
+    def backward(self, v: Tensor, steps: Steps = None) -> tuple[dict[str, Factor], Tensor]:
+        """(:meth:`param_factors`, :meth:`state_vjp`) of v for the chosen steps at once (:meth:`Cell.backward`)."""
+        cache, mask, lead = self._select(steps)
+        self._check_adjoint(v, lead)
+        if mask is None:
+            factors, vjp = self.cell.backward(cache, v)
+            return self.qualify(factors), vjp
+        keep = mask[..., None]
+        factors, vjp = self.cell.backward(cache, torch.where(keep, v, 0.0))  # no parameter sees a padded step
+        return self.qualify(factors), torch.where(keep, vjp, v)  # and its J is I
 
     def param_energies(self, steps: Steps = None) -> dict[str, FactorEnergy]:
         """Every weight block's Σ_j ‖δ(e_j)‖² over the one-hots e_j on h_{i+1} and its input u, for the chosen steps

@@ -34,10 +34,11 @@ from torch import Tensor
 
 from gatelens.analysis.credit import CreditMap, credit, summed_adjoints
 from gatelens.analysis.norms import frobenius
-from gatelens.cells.base import Factor, map_cache
+from gatelens.cells.base import Factor, NormBounds, map_cache
 from gatelens.trace import Recurrence, Trace
 
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
+ROW_TEMPORARIES = 16  # (B, S) tensors that a cell's row bounds, or a one-hot's VJP, form per step at once, about
 PARTS = ("before", "across", "after")
 
 
@@ -127,19 +128,17 @@ def blocking(
     collapsed, candidates = {}, []
     below_by_name = {}
     for name, rec in streams.items():
-        rows, norms = _row_norms(rec)
-        below_by_name[name] = below = rows < tol
-        collapsed[name] = below.sum(-1)
+        below_by_name[name], norms = _collapsed_rows(rec, tol)
+        collapsed[name] = below_by_name[name].sum(-1)
         for step, sequence in torch.nonzero(collapsed[name]).tolist():
-            count = int(collapsed[name][step, sequence])
-            candidates.append((name, step, sequence, count, float(norms[step, sequence])))
-    # most rows first; at step index 0 nothing lies before the step, so such an event cuts nothing: after the others
-    candidates.sort(key=lambda event: (-event[3], event[1] == 0, event[4]))
+            bounds = (float(norms.lower[step, sequence]), float(norms.upper[step, sequence]))
+            candidates.append(Candidate(name, step, sequence, int(collapsed[name][step, sequence]), *bounds))
     chosen = []
-    for name, step, sequence, _, norm in candidates[:max_events]:
-        labels = streams[name].cell.state_labels()
-        rows = [labels[j] for j in torch.nonzero(below_by_name[name][step, sequence]).flatten().tolist()]
-        chosen.append((name, step, sequence, rows, norm))
+    for event, norm in _most_severe(candidates, max_events, streams):
+        labels = streams[event.recurrence].cell.state_labels()
+        below = below_by_name[event.recurrence][event.step, event.sequence]
+        rows = [labels[j] for j in torch.nonzero(below).flatten().tolist()]
+        chosen.append((event.recurrence, event.step, event.sequence, rows, norm))
     effects = {loss: _effects(cm, streams, chosen) for loss, cm in maps.items()}
     events = [
         BlockingEvent(
@@ -203,17 +202,86 @@ def _credit_maps(trace: Trace, credits: Any, seed: int) -> dict[str, CreditMap]:
     return dict(maps)
 
 
-def _row_norms(rec: Recurrence) -> tuple[Tensor, Tensor]:
-    """‖J_{i+1}[j, :]‖₂ (T, B, S) and ‖J_{i+1}‖_F (T, B); padded steps read as +inf (they are identities)."""
-    steps, batch = rec.input_index.shape
+def _collapsed_rows(rec: Recurrence, tol: float) -> tuple[Tensor, NormBounds]:
+    """Which rows collapse, ‖J_{i+1}[j, :]‖₂ < tol, (T, B, S), and bounds on ‖J_{i+1}‖_F, (T, B), without forming J.
+
+    The cell's row bounds (:meth:`Recurrence.jacobian_row_bounds`, O(S) per step) settle every row whose bounds lie
+    on one side of tol; a row they leave open is computed exactly, ‖e_j J‖ from one state VJP (:func:`_exact_rows`).
+    Padded steps (J = I) never collapse.
+    """
     size = rec.cell.state_size
-    chunk = max(1, CHUNK_ELEMENTS // (batch * size * size))
-    rows = torch.cat([frobenius(rec.jacobians(steps=slice(a, a + chunk)), dims=1) for a in range(0, steps, chunk)])
-    norms = frobenius(rows, dims=1)
-    if rec.mask is not None:
-        rows = torch.where(rec.mask[..., None], rows, math.inf)
-        norms = torch.where(rec.mask, norms, math.inf)
-    return rows, norms
+    chunk = max(1, CHUNK_ELEMENTS // (rec.states.shape[1] * size * ROW_TEMPORARIES))
+    parts = [rec.jacobian_row_bounds(steps=slice(start, start + chunk)) for start in range(0, rec.steps, chunk)]
+    lower, upper = (torch.cat(list(bounds)) for bounds in zip(*parts))
+    valid = torch.ones_like(lower[..., 0], dtype=torch.bool) if rec.mask is None else rec.mask
+    open_rows = (lower < tol) & (upper >= tol) & valid[..., None]
+    if bool(open_rows.any()):
+        exact = _exact_rows(rec, torch.nonzero(open_rows))  # in the order of the mask's True entries
+        lower[open_rows] = exact
+        upper[open_rows] = exact
+    collapsed = (upper < tol) & valid[..., None]
+    return collapsed, NormBounds(*(frobenius(rows, dims=1) for rows in (lower, upper)))
+
+
+def _exact_rows(rec: Recurrence, where: Tensor) -> Tensor:
+    """‖e_j J_{i+1}‖₂ for every (step i, sequence b, row j) of ``where`` (N, 3): the one-hot e_j sent through the
+    cache of step i and sequence b by one state VJP, a chunk of rows at a time."""
+    size = rec.cell.state_size
+    chunk = max(1, CHUNK_ELEMENTS // (size * ROW_TEMPORARIES))
+    norms = []
+    for part in where.split(chunk):
+        cache = map_cache(lambda tensor: tensor[part[:, 0], part[:, 1]], rec.cache)  # (rows, ·): one step each
+        one_hots = torch.nn.functional.one_hot(part[:, 2], size).to(rec.states.dtype)
+        norms.append(frobenius(rec.cell.state_vjp(cache, one_hots), dims=1))
+    return torch.cat(norms)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A step of one sequence with ``count`` collapsed rows, and lower ≤ ‖J‖_F ≤ upper there."""
+
+    recurrence: str
+    step: int
+    sequence: int
+    count: int
+    lower: float
+    upper: float
+
+    def key(self, norm: float) -> tuple[int, bool, float]:
+        """Severity order: most rows first; at step index 0 nothing lies before the step, so such an event cuts
+        nothing: after the others; then the smallest ‖J‖_F."""
+        return (-self.count, self.step == 0, norm)
+
+
+def _most_severe(
+    candidates: list[Candidate], max_events: int, streams: dict[str, Recurrence]
+) -> list[tuple[Candidate, float]]:
+    """The ``max_events`` most severe candidates in order (:meth:`Candidate.key`), each with its exact ‖J‖_F.
+
+    Only the candidates that can rank among them are formed: those whose key with their lower bound is at most the
+    max_events-th smallest key with the upper bounds (any other is outranked by that many candidates)."""
+    if not candidates or not max_events:
+        return []
+    by_upper = sorted(candidate.key(candidate.upper) for candidate in candidates)
+    cutoff = by_upper[min(max_events, len(by_upper)) - 1]
+    contenders = [candidate for candidate in candidates if candidate.key(candidate.lower) <= cutoff]
+    norms = []
+    for name in dict.fromkeys(candidate.recurrence for candidate in contenders):
+        mine = [candidate for candidate in contenders if candidate.recurrence == name]
+        exact = _exact_norms(streams[name], [(candidate.step, candidate.sequence) for candidate in mine])
+        norms += list(zip(mine, exact.tolist()))
+    return sorted(norms, key=lambda pair: pair[0].key(pair[1]))[:max_events]
+
+
+def _exact_norms(rec: Recurrence, pairs: list[tuple[int, int]]) -> Tensor:
+    """‖J_{i+1}‖_F for every (step i, sequence b) of ``pairs``, J formed for those alone, a chunk at a time."""
+    where = torch.tensor(pairs, dtype=torch.long, device=rec.states.device)
+    chunk = max(1, CHUNK_ELEMENTS // rec.cell.state_size**2)
+    norms = []
+    for part in where.split(chunk):
+        cache = map_cache(lambda tensor: tensor[part[:, 0], part[:, 1]], rec.cache)
+        norms.append(frobenius(rec.cell.jacobian(cache), dims=2))
+    return torch.cat(norms)
 
 
 Effect = tuple[float, bool, dict[str, dict[str, float]]]  # transmission, underflow, parts

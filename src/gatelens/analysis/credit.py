@@ -40,14 +40,13 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import FLOAT64_ADVICE, as_float_tensor, check_finite, check_shape, first_non_finite
-from gatelens.analysis.norms import SAFE_RANGE, frobenius
+from gatelens.analysis.norms import SAFE_RANGE, flushes_subnormals, frobenius
 from gatelens.cells.base import Factor, check_choice
 from gatelens.trace import DIRECTIONS, Recurrence, Trace
 
 LOSSES = ("last", "all")
 CHUNK_ELEMENTS = 1 << 24  # elements per buffered chunk of work (64 MiB in float32)
 FACTOR_TEMPORARIES = 16  # (steps, B, S) tensors that param_factors forms at once, about
-JACOBIAN_CHAINS = 4  # from this many active chains on, forming the step's Jacobian beats the state VJP
 
 
 @dataclass(frozen=True, eq=False)
@@ -343,6 +342,7 @@ def _streams(trace: Trace, out_grads: Tensor) -> list[tuple[Recurrence, Tensor]]
 # Sweeps over time.
 
 
+@flushes_subnormals
 def summed_adjoints(rec: Recurrence, g: Tensor) -> Tensor:
     """BPTT in 0-based arrays: ā[i] = g[i] + ā[i+1] · jacobians[i+1], from i = T−1 down; ā[i] = ∂L/∂h_{i+1}.
 
@@ -419,12 +419,13 @@ class ChainSweep:
     loss_steps: Tensor
 
 
+@flushes_subnormals
 def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norms: bool = False) -> ChainSweep:
     """One backward sweep carrying a chain a_{t,k} = g_t J_t ⋯ J_{k+1} for every loss step t with g_t ≠ 0.
 
     At step k the chains of every t ≥ k are one stacked tensor: their contributions C(t, k) are contracted from
-    the step's parameter factors, then all of them move to k − 1 at once, through the step's Jacobian (formed
-    for this step only, one batched product) when there are many chains, or through the state VJP when few.
+    the step's parameter factors, then all of them move to k − 1 at once through the state VJP (:meth:`Recurrence.
+    backward` gives both; a cell forms the step's Jacobian blocks when many chains make that cheaper).
     """
     steps = rec.steps
     loss_steps = _loss_steps(g)
@@ -442,7 +443,10 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
             continue
         active = chains.transpose(0, 1)  # (chains, B, S), a view
         finite[step] = torch.isfinite(chains).flatten(1).all(1)  # checked once at the end: no sync per step
-        factors = rec.param_factors(active, steps=step)  # kept by LagSums: chains is never written in place
+        if step:  # factors kept by LagSums: chains is never written in place
+            factors, moved = rec.backward(active, steps=step)
+        else:
+            factors = rec.param_factors(active, steps=step)
         if lag_sums:
             sums.add(loss_steps[first:] - step, loss_steps_cpu[first] - step, loss_steps_cpu[-1] - step, factors)
         if pair_norms:
@@ -452,10 +456,7 @@ def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norm
                 norms[name][first:, step] = norm
         if not step:
             break
-        if chains.shape[1] >= JACOBIAN_CHAINS:
-            chains = chains @ rec.jacobians(steps=step)
-        else:
-            chains = rec.state_vjp(active, steps=step).transpose(0, 1)
+        chains = moved.transpose(0, 1)
     sums.flush()
     refuse_overflow(rec, finite)
     return ChainSweep(lag_sums=sums.sums, pair_norms=norms, loss_steps=loss_steps)

@@ -1,5 +1,5 @@
 """Matrix norms: Frobenius norms that neither underflow nor overflow where the norm itself is representable, and
-spectral norms by subspace iteration.
+spectral norms by subspace iteration; and the sweeps' guard against subnormal arithmetic.
 
 A plain norm squares the entries, so in float32 any norm below about 1e-19 would come out as 0 and any above
 about 1e19 as inf. Narrow floats are therefore summed in float64, whose range holds every square of a float32;
@@ -7,6 +7,11 @@ float64 norms outside 1e-140..1e140 (rare) are redone with the largest entry fac
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -18,6 +23,45 @@ SPECTRAL_RTOL = 1e-6  # the subspace iteration stops once its estimated remainin
 SPECTRAL_BLOCK = 8  # vectors of the subspace iteration
 SPECTRAL_ITERATIONS = 100  # at most this many; a matrix that has not converged by then gets an exact SVD
 NOISE = 16  # a step of the estimate below this many machine epsilons of it is rounding: the iteration has converged
+
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+@contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """Within the block, CPU arithmetic flushes subnormal numbers to zero (``torch.set_flush_denormal``); the
+    setting found on entry is restored on exit.
+
+    A gradient that vanishes through time passes through the subnormal range (below 1.2e-38 in float32, 2.2e-308
+    in float64) on its way to zero, where a CPU computes up to 100 times slower: one backward sweep over T = 1000
+    steps took minutes instead of seconds. Flushed, a quantity whose exact value lies in that band reads 0; every
+    larger one is unchanged. The trace's dtype cannot hold such a value to more than a few digits anyway, and a
+    sweep that must tell "tiny" from "zero" carries a log scale (blocking's underflow check).
+    """
+    turned_on = not _flushing() and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if turned_on:
+            torch.set_flush_denormal(False)
+
+
+def flushes_subnormals(function: Callable[Params, Result]) -> Callable[Params, Result]:
+    """Run ``function`` inside :func:`subnormals_flushed`."""
+
+    @functools.wraps(function)
+    def flushed(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+        with subnormals_flushed():
+            return function(*args, **kwargs)
+
+    return flushed
+
+
+def _flushing() -> bool:
+    """Whether CPU arithmetic flushes subnormals now: twice a subnormal float32 reads 0."""
+    subnormal = torch.full((1,), torch.finfo(torch.float32).tiny / 4)
+    return bool((subnormal * 2 == 0).item())
 
 
 def frobenius(values: Tensor, dims: int) -> Tensor:

@@ -68,6 +68,7 @@ from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activa
 CellT = TypeVar("CellT", bound="Cell")
 Clamp = Mapping[str, tuple[Tensor, Tensor]]  # gate name ↦ (value, where), both broadcastable to (B, units)
 CLOSED_FORM_VECTORS = 32  # vectors of S per step and sequence that a built-in cell's sums form at most (in float32)
+FORM_FROM = 4  # covectors per sequence from which a cell whose matrix-free VJP costs more forms the step's matrix
 
 
 class MemoryGates(NamedTuple):
@@ -208,9 +209,25 @@ class Cell(ABC):
         """U ≥ ‖∂s'/∂x‖_F, shape (...,). This default forms ∂s'/∂x and returns its norm."""
         return torch.linalg.matrix_norm(self.input_jacobian(cache))
 
+    def jacobian_row_bounds(self, cache: Any) -> NormBounds:
+        """lower_i ≤ ‖J[i, :]‖₂ ≤ upper_i for every row i of J = ∂s'/∂s, shape (..., S). This default forms J (exact
+        rows as both bounds); the built-in cells bound the rows from their structure, O(S) per step, rounding
+        included (:func:`row_norm_bounds`)."""
+        rows = exact_row_norms(self.jacobian(cache))
+        return NormBounds(rows, rows)
+
+    def input_jacobian_row_bounds(self, cache: Any) -> Tensor:
+        """upper_i ≥ ‖∂s'/∂x[i, :]‖₂ for every row i, shape (..., S). This default forms ∂s'/∂x."""
+        return exact_row_norms(self.input_jacobian(cache))
+
     @abstractmethod
     def param_factors(self, cache: Any, v: Tensor) -> dict[str, Factor]:
         """Every weight block's v · ∂⁺s'/∂θ in factored form (see :class:`Factor`)."""
+
+    def backward(self, cache: Any, v: Tensor) -> tuple[dict[str, Factor], Tensor]:
+        """(:meth:`param_factors`, :meth:`state_vjp`) of v together: one step of backpropagation. A stack shares the
+        adjoints its layers pass down between the two."""
+        return self.param_factors(cache, v), self.state_vjp(cache, v)
 
     def param_vjp(self, cache: Any, v: Tensor) -> dict[str, Tensor]:
         """v · ∂⁺s'/∂θ for every weight block θ, summed over the batch dimension: Σ_b δ_bᵀ ⊗ u_b (bias: Σ_b δ_b)."""
@@ -362,6 +379,18 @@ def outer_sum(adjoint: Tensor, inputs: Tensor) -> Tensor:
     return adjoint.mT @ inputs
 
 
+def forms_for(cache: Any, v: Tensor) -> bool:
+    """Whether covectors v (C, ..., B, S) number at least FORM_FROM per sequence of the step(s) of ``cache``: then a
+    matrix formed once per sequence (S × O) and applied by :func:`covector_product` costs S · O per covector, less
+    than a matrix-free VJP that multiplies every covector by several weight matrices."""
+    return v.dim() == len(leading_shape(cache)) + 2 and v.shape[0] >= FORM_FROM
+
+
+def covector_product(v: Tensor, matrix: Tensor) -> Tensor:
+    """v · M for covectors v (C, ..., B, S) and one matrix M (..., B, S, O) per sequence: one batched product."""
+    return (v.movedim(0, -2) @ matrix).movedim(-2, 0)
+
+
 def affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x Wᵀ + b, with b omitted when the layer has no bias."""
     return torch.nn.functional.linear(x, weight, bias)
@@ -370,6 +399,16 @@ def affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def diag_times(scale: Tensor, matrix: Tensor) -> Tensor:
     """diag(scale) · matrix, batched: scale (..., R), matrix (R, C) or (..., R, C) ↦ (..., R, C)."""
     return scale.unsqueeze(-1) * matrix
+
+
+def scaled_sum(scales: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+    """Σ_p diag(s_p) W_p in one contraction: scales s_p (..., R), weights W_p (R, C) ↦ (..., R, C)."""
+    stacked = torch.stack(list(scales), dim=-1)  # (..., R, P)
+    lead = stacked.shape[:-2]
+    rows, columns = weights[0].shape
+    matrices = torch.stack(list(weights), dim=1)  # (R, P, C)
+    flat = stacked.reshape(-1, rows, len(weights)).transpose(0, 1)  # (R, N, P)
+    return torch.bmm(flat, matrices).transpose(0, 1).reshape(*lead, rows, columns)
 
 
 def row_norms(scales: Sequence[Tensor], weights: Sequence[Tensor], diagonal: Tensor | None = None) -> Tensor:
@@ -391,6 +430,34 @@ def row_norms(scales: Sequence[Tensor], weights: Sequence[Tensor], diagonal: Ten
             inner = inner + 2 * weight.diagonal() * diagonal
         squares = squares + inner * scale
     return squares.clamp_min(0).sqrt()  # rounding can take a row of norm ≈ 0 a little below 0
+
+
+ROUNDING_TERMS = 8  # the rounding of a row norm from its closed form is bounded by this many ulps per summed term
+
+
+def row_norm_bounds(
+    scales: Sequence[Tensor], weights: Sequence[Tensor], diagonal: Tensor | None = None, spread: Tensor | None = None
+) -> NormBounds:
+    """Bounds on the norm of every row i of diag(d) + Σ_p diag(s_p) W_p + E (E unknown but ‖E[i, :]‖ ≤ b_i, the
+    ``spread``), rounding included: :func:`row_norms` forms ‖row‖² as a sum of terms of total size at most
+    A_i² = (|d_i| + Σ_p |s_{p,i}| ‖W_p[i, :]‖)², each rounded, so its error is within (ROUNDING_TERMS · (C + P + 1))
+    ulps of A_i² (C columns, P paths); the spread then widens the bounds by the triangle inequality."""
+    rows = row_norms(scales, weights, diagonal)
+    size = torch.zeros_like(rows) if diagonal is None else diagonal.abs()
+    for scale, weight in zip(scales, weights):
+        size = size + scale.abs() * torch.linalg.vector_norm(weight, dim=-1)
+    ulps = ROUNDING_TERMS * (weights[0].shape[-1] + len(weights) + 1) * torch.finfo(rows.dtype).eps
+    error = ulps * size.square()
+    lower = (rows.square() - error).clamp_min(0).sqrt()
+    upper = (rows.square() + error).sqrt()
+    if spread is not None:
+        lower, upper = (lower - spread).clamp_min(0), upper + spread
+    return NormBounds(lower, upper)
+
+
+def exact_row_norms(matrix: Tensor) -> Tensor:
+    """‖M[i, :]‖₂ for every row of the (..., R, C) matrices M, summed in :func:`wide_dtype`: (..., R)."""
+    return torch.linalg.vector_norm(matrix, dim=-1, dtype=wide_dtype(matrix.dtype)).to(matrix.dtype)
 
 
 def perturbed_norm_bounds(rows: Tensor, spread: Tensor) -> NormBounds:

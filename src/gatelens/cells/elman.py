@@ -35,6 +35,7 @@ from gatelens.cells.base import (
     closed_form_elements,
     covector_weights,
     diag_times,
+    row_norm_bounds,
     scaled_sum_energies,
     sizing_block,
     uniform_weights,
@@ -140,6 +141,14 @@ class Elman(Cell):
     def input_jacobian_norm_bound(self, cache: ElmanCache) -> Tensor:
         """‖∂h'/∂x‖_F itself: √(Σ_i φ'(a_i)² ‖W_ih[i, :]‖²)."""
         return self._norm(cache, "W_ih")
+
+    def jacobian_row_bounds(self, cache: ElmanCache) -> NormBounds:
+        """The rows φ'(a_i) W_hh[i, :], rounding included (:func:`row_norm_bounds`)."""
+        return row_norm_bounds([cache.dphi], [self.weights["W_hh"]])
+
+    def input_jacobian_row_bounds(self, cache: ElmanCache) -> Tensor:
+        """The rows φ'(a_i) W_ih[i, :], rounding included."""
+        return row_norm_bounds([cache.dphi], [self.weights["W_ih"]]).upper
 
     def param_factors(self, cache: ElmanCache, v: Tensor) -> dict[str, Factor]:
         g = v * cache.dphi

@@ -64,12 +64,16 @@ from gatelens.cells.base import (
     affine,
     check_choice,
     closed_form_elements,
+    covector_product,
     covector_rows,
     covector_weights,
     diag_times,
+    forms_for,
     gate_values,
     perturbed_norm_bounds,
+    row_norm_bounds,
     row_norms,
+    scaled_sum,
     scaled_sum_energies,
     sizing_block,
     spectral_norm,
@@ -235,20 +239,19 @@ class GRU(Cell):
         if self.reset == "before":
             return super().jacobian(cache)
         blocks = self._scaled_blocks(cache).values()
-        scales = torch.stack([scale for scale, _ in blocks], dim=-1)  # (..., H, paths)
-        weights = torch.stack([self.weights[block] for _, block in blocks])  # (paths, H, H)
-        jacobian = torch.einsum("...ip,pij->...ij", scales, weights)
+        jacobian = scaled_sum([scale for scale, _ in blocks], [self.weights[block] for _, block in blocks])
         jacobian.diagonal(dim1=-2, dim2=-1).add_(self._carry(cache))
         return jacobian
 
     def input_jacobian(self, cache: GRUCache) -> Tensor:
+        """diag((h − n) ⊙ c') W_iz + diag(g) W_in + the reset path: diag(g ⊙ u ⊙ σ'(a_r)) W_ir (reset "after", all
+        three in one contraction) or diag(g) W_hn diag(h ⊙ σ'(a_r)) W_ir ("before")."""
         w = self.weights
         gain = self._candidate_gain(cache)
-        through_reset = (
-            diag_times(gain * cache.u * cache.dr, w["W_ir"])
-            if self.reset == "after"
-            else (diag_times(gain, w["W_hn"]) * (cache.h * cache.dr).unsqueeze(-2)) @ w["W_ir"]
-        )
+        if self.reset == "after":
+            scales = [self._update_scale(cache), gain, gain * cache.u * cache.dr]
+            return scaled_sum(scales, [w["W_iz"], w["W_in"], w["W_ir"]])
+        through_reset = (diag_times(gain, w["W_hn"]) * (cache.h * cache.dr).unsqueeze(-2)) @ w["W_ir"]
         return diag_times(self._update_scale(cache), w["W_iz"]) + diag_times(gain, w["W_in"]) + through_reset
 
     def _adjoint_gains(self, cache: GRUCache) -> dict[str, Tensor]:
@@ -270,10 +273,17 @@ class GRU(Cell):
         return g
 
     def state_vjp(self, cache: GRUCache, v: Tensor) -> Tensor:
-        """v · J, the sum of :meth:`path_vjps`."""
+        """v · J, the sum of :meth:`path_vjps` (3 products with H × H blocks per covector); for reset "after" and many
+        covectors per sequence (:func:`forms_for`), v · J through J formed once (one H × H product per covector)."""
+        if self.reset == "after" and forms_for(cache, v):
+            return covector_product(v, self.jacobian(cache))
         return sum(self.path_vjps(cache, v).values())  # type: ignore[return-value]
 
     def input_vjp(self, cache: GRUCache, v: Tensor) -> Tensor:
+        """v · ∂h'/∂x: δ_r W_ir + δ_z W_iz + δ_n W_in, or for reset "after" and many covectors per sequence
+        (:func:`forms_for`) through ∂h'/∂x formed once."""
+        if self.reset == "after" and forms_for(cache, v):
+            return covector_product(v, self.input_jacobian(cache))
         w = self.weights
         g = self._preactivation_adjoints(cache, v)
         return g["r"] @ w["W_ir"] + g["z"] @ w["W_iz"] + g["n"] @ w["W_in"]
@@ -320,23 +330,47 @@ class GRU(Cell):
         if self.reset == "after":
             norm = torch.linalg.vector_norm(rows, dim=-1)
             return NormBounds(norm, norm)
+        return perturbed_norm_bounds(rows, self._unformed_spread(cache))
+
+    def jacobian_row_bounds(self, cache: GRUCache) -> NormBounds:
+        """The rows of :meth:`jacobian_norm_bounds`, with their rounding (:func:`row_norm_bounds`): the rows of
+        diag(c) + Σ_p diag(scale_p) W_p, and for reset "before" the spread b_i of the candidate and reset paths."""
+        blocks = self._scaled_blocks(cache).values()
+        scales, weights = [scale for scale, _ in blocks], [self.weights[b] for _, b in blocks]
+        spread = None if self.reset == "after" else self._unformed_spread(cache)
+        return row_norm_bounds(scales, weights, self._carry(cache), spread)
+
+    def _unformed_spread(self, cache: GRUCache) -> Tensor:
+        """b_i ≥ ‖g_i W_hn[i, :] (diag(r) + diag(h ⊙ σ'(a_r)) W_hr)‖ for reset "before"."""
         through_reset = self._masked_hn_row_norms(cache.h * cache.dr) * spectral_norm(self.weights["W_hr"])
-        spread = self._candidate_gain(cache).abs() * (self._masked_hn_row_norms(cache.r) + through_reset)
-        return perturbed_norm_bounds(rows, spread)
+        return self._candidate_gain(cache).abs() * (self._masked_hn_row_norms(cache.r) + through_reset)
+
+    def input_jacobian_row_bounds(self, cache: GRUCache) -> Tensor:
+        """Upper bounds on the rows of ∂h'/∂x (:meth:`input_jacobian_norm_bound`), rounding included."""
+        scales, weights, spread = self._input_rows(cache)
+        return row_norm_bounds(scales, weights, spread=spread).upper
+
+    def _input_rows(self, cache: GRUCache) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """∂h'/∂x = Σ_p diag(s_p) W_p + E: the scales s_p, the blocks W_p and (reset "before") the bound b_i ≥
+        ‖E[i, :]‖ on the reset path g_i (W_hn[i, :] ⊙ h ⊙ σ'(a_r)) W_ir."""
+        w = self.weights
+        gain = self._candidate_gain(cache)
+        paths = [(self._update_scale(cache), "W_iz"), (gain, "W_in")]
+        spread = None
+        if self.reset == "after":
+            paths.append((gain * cache.u * cache.dr, "W_ir"))
+        else:
+            spread = gain.abs() * self._masked_hn_row_norms(cache.h * cache.dr) * spectral_norm(w["W_ir"])
+        return [scale for scale, _ in paths], [w[block] for _, block in paths], spread
 
     def input_jacobian_norm_bound(self, cache: GRUCache) -> Tensor:
         """‖∂h'/∂x‖_F from the rows of diag((h − n) ⊙ c') W_iz + diag(g) W_in + the reset path: exact for reset
         "after" (diag(g ⊙ u ⊙ σ'(a_r)) W_ir joins the rows); for "before", the reset path's rows
         g_i (W_hn[i, :] ⊙ h ⊙ σ'(a_r)) W_ir are bounded by |g_i| ‖W_hn[i, :] ⊙ h ⊙ σ'(a_r)‖ ‖W_ir‖₂."""
-        w = self.weights
-        gain = self._candidate_gain(cache)
-        paths = [(self._update_scale(cache), "W_iz"), (gain, "W_in")]
-        if self.reset == "after":
-            paths.append((gain * cache.u * cache.dr, "W_ir"))
-        rows = row_norms([scale for scale, _ in paths], [w[block] for _, block in paths])
-        if self.reset == "after":
+        scales, weights, spread = self._input_rows(cache)
+        rows = row_norms(scales, weights)
+        if spread is None:
             return torch.linalg.vector_norm(rows, dim=-1)
-        spread = gain.abs() * self._masked_hn_row_norms(cache.h * cache.dr) * spectral_norm(w["W_ir"])
         return perturbed_norm_bounds(rows, spread).upper
 
     def param_factors(self, cache: GRUCache, v: Tensor) -> dict[str, Factor]:

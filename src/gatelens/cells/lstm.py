@@ -56,6 +56,7 @@ from gatelens.cells.base import (
     covector_weights,
     diag_times,
     gate_values,
+    row_norm_bounds,
     row_norms,
     scaled_sum_energies,
     sizing_block,
@@ -291,6 +292,39 @@ class LSTM(Cell):
         output_scales = [gain * scale for scale in scales.values()] + [cache.tc * cache.do]
         output_rows = row_norms(output_scales, [*weights, self.weights[f"W_{side}o"]])
         return output_rows, row_norms(list(scales.values()), weights)
+
+    def _row_bounds(self, cache: LSTMCache, side: str) -> tuple[NormBounds, NormBounds]:
+        """:meth:`_row_norms` as bounds, rounding included (:func:`row_norm_bounds`)."""
+        scales = self._cell_scales(cache)
+        weights = [self.weights[f"W_{side}{gate}"] for gate in scales]
+        gain = cache.o * cache.dtc
+        output_scales = [gain * scale for scale in scales.values()] + [cache.tc * cache.do]
+        output_rows = row_norm_bounds(output_scales, [*weights, self.weights[f"W_{side}o"]])
+        return output_rows, row_norm_bounds(list(scales.values()), weights)
+
+    def _projected_rows(self, m_rows: NormBounds, m_norm: Tensor) -> NormBounds:
+        """Bounds on the rows of h' = Π m from those of m: themselves without a projection; with one, 0 ≤
+        ‖Π[i, :] M‖ ≤ ‖Π[i, :]‖ ‖M‖_F, given U ≥ ‖M‖_F (``m_norm``, shape (...))."""
+        if "W_proj" not in self.weights:
+            return m_rows
+        upper = torch.linalg.vector_norm(self.weights["W_proj"], dim=-1) * m_norm.unsqueeze(-1)
+        return NormBounds(torch.zeros_like(upper), upper)
+
+    def jacobian_row_bounds(self, cache: LSTMCache) -> NormBounds:
+        """Rows of h' from M = [∂m/∂h, diag(o ⊙ φ'(c') ⊙ f)] (through Π with a projection, :meth:`_projected_rows`)
+        and of c' from C = [∂c'/∂h, diag(f)], each a gate part (:meth:`_row_bounds`) and a diagonal entry."""
+        m_rows, c_rows = self._row_bounds(cache, "h")
+        on_c = cache.o * cache.dtc * cache.f
+        m_rows = NormBounds(*(torch.hypot(rows, on_c) for rows in m_rows))
+        m_rows = self._projected_rows(m_rows, torch.linalg.vector_norm(m_rows.upper, dim=-1))
+        c_rows = NormBounds(*(torch.hypot(rows, cache.f) for rows in c_rows))
+        return NormBounds(*(torch.cat(pair, dim=-1) for pair in zip(m_rows, c_rows)))
+
+    def input_jacobian_row_bounds(self, cache: LSTMCache) -> Tensor:
+        """Upper bounds on the rows of ∂h'/∂x (through Π with a projection) and ∂c'/∂x (:meth:`_row_bounds`)."""
+        m_rows, c_rows = self._row_bounds(cache, "i")
+        m_rows = self._projected_rows(m_rows, torch.linalg.vector_norm(m_rows.upper, dim=-1))
+        return torch.cat([m_rows.upper, c_rows.upper], dim=-1)
 
     def _projected_norm_bounds(self, m_norm: Tensor, c_norm: Tensor) -> NormBounds:
         """Bounds on ‖[Π M; C]‖_F from ‖M‖_F and ‖C‖_F: the norm itself without a projection (Π = I); with one,

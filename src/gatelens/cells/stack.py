@@ -187,7 +187,10 @@ class Stack(Cell):
         return adjoints
 
     def state_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
-        adjoints = self._layer_adjoints(cache, v)
+        return self._state_vjp(cache, self._layer_adjoints(cache, v))
+
+    def _state_vjp(self, cache: tuple[Any, ...], adjoints: list[Tensor]) -> Tensor:
+        """v · J from the layers' total adjoints (:meth:`_layer_adjoints`): each layer's own state VJP."""
         return torch.cat([c.state_vjp(k, a) for c, k, a in zip(self.cells, cache, adjoints)], dim=-1)
 
     def input_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
@@ -230,13 +233,41 @@ class Stack(Cell):
                 reach = 1 + cell.input_jacobian_norm_bound(layer_cache).square() * reach
         return NormBounds(torch.stack(lower).sum(0).sqrt(), torch.stack(upper).sum(0).sqrt())
 
+    def jacobian_row_bounds(self, cache: tuple[Any, ...]) -> NormBounds:
+        """Row i of layer l's block is [K^l R^{l−1}, J^l, 0], R^{l−1} the rows of the layer below on its output: J^l
+        alone bounds it from below, and ‖K^l[i, :] R^{l−1}‖ ≤ ‖K^l[i, :]‖ ‖R^{l−1}‖_F from above, so
+
+            upper_i² = U^l_i² + V^l_i² Σ_{j ∈ out(l−1)} upper_j²
+
+        from each layer's row bounds U^l ≥ ‖J^l[i, :]‖ and V^l ≥ ‖K^l[i, :]‖, without forming a block."""
+        lowers: list[Tensor] = []
+        uppers: list[Tensor] = []
+        for index, (cell, layer_cache) in enumerate(zip(self.cells, cache)):
+            own = cell.jacobian_row_bounds(layer_cache)
+            upper = own.upper
+            if index:
+                below = uppers[-1][..., : self.cells[index - 1].output_size]
+                reach = torch.linalg.vector_norm(below, dim=-1, keepdim=True)
+                upper = torch.hypot(upper, cell.input_jacobian_row_bounds(layer_cache) * reach)
+            lowers.append(own.lower)
+            uppers.append(upper)
+        return NormBounds(torch.cat(lowers, dim=-1), torch.cat(uppers, dim=-1))
+
     def param_factors(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Factor]:
-        adjoints = self._layer_adjoints(cache, v)
+        return self._param_factors(cache, self._layer_adjoints(cache, v))
+
+    def _param_factors(self, cache: tuple[Any, ...], adjoints: list[Tensor]) -> dict[str, Factor]:
+        """Every layer's factors of its total adjoint (:meth:`_layer_adjoints`)."""
         return {
             f"{layer}.{name}": factor
             for layer, cell, layer_cache, adjoint in zip(self.names, self.cells, cache, adjoints)
             for name, factor in cell.param_factors(layer_cache, adjoint).items()
         }
+
+    def backward(self, cache: tuple[Any, ...], v: Tensor) -> tuple[dict[str, Factor], Tensor]:
+        """The factors and v · J from one pass of the adjoints down the layers."""
+        adjoints = self._layer_adjoints(cache, v)
+        return self._param_factors(cache, adjoints), self._state_vjp(cache, adjoints)
 
     def path_vjps(self, cache: tuple[Any, ...], v: Tensor) -> dict[str, Tensor]:
         """v · l{m}.p = λ^m P^m_p on layer m's columns (zero elsewhere): the path is column block m of
