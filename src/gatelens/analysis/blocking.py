@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from gatelens.analysis.credit import CreditMap, credit, summed_adjoints
-from gatelens.analysis.norms import frobenius
+from gatelens.analysis.norms import flushes_subnormals, frobenius
 from gatelens.cells.base import Factor, NormBounds, map_cache
 from gatelens.trace import Recurrence, Trace
 
@@ -102,6 +102,7 @@ class Blocking:
         }
 
 
+@flushes_subnormals
 def blocking(
     trace: Trace,
     credits: CreditMap | Mapping[str, CreditMap] | None = None,

@@ -64,11 +64,13 @@ class CreditMap:
     loss_steps: Tensor | None = None  # the loss steps kept by :meth:`at_loss_steps` (None: the loss as given)
 
     @cached_property
+    @flushes_subnormals
     def adjoints(self) -> dict[str, Tensor]:
         """ā_{i+1} = ∂L/∂h_{i+1} per recurrence name, (T, B, S): the summed adjoint of BPTT."""
         return {rec.name: summed_adjoints(rec, g) for rec, g in self.streams}
 
     @cached_property
+    @flushes_subnormals
     def total(self) -> dict[str, Tensor]:
         """∂L/∂θ = Σ_{t,k} C(t, k) for every block, a chunk of source steps at a time (each chunk's steps and
         sequences contracted at once: no (T, *shape) intermediate)."""
@@ -81,11 +83,13 @@ class CreditMap:
         return totals
 
     @cached_property
+    @flushes_subnormals
     def by_source(self) -> dict[str, Tensor]:
         """Σ_{t≥k} C(t, k) for every source step k: (T, *shape) per block."""
         return {name: grad for rec, _ in self.streams for name, grad in rec.param_vjp(self.adjoints[rec.name]).items()}
 
     @cached_property
+    @flushes_subnormals
     def by_lag(self) -> dict[str, Tensor]:
         """‖Σ_{t−k=τ} C(t, k)‖_F for every lag τ = 0..T−1: (T,) per block.
 
@@ -107,6 +111,7 @@ class CreditMap:
         return self._every_block(norms, self.out_grads.shape[:1])
 
     @cached_property
+    @flushes_subnormals
     def norms(self) -> dict[str, Tensor]:
         """‖C(t, k)‖_F for every loss step t (rows) and source step k (columns): (T, T) per block."""
         norms: dict[str, Tensor] = {}
@@ -116,6 +121,7 @@ class CreditMap:
         return norms
 
     @cached_property
+    @flushes_subnormals
     def norm_rows(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The rows of :attr:`norms` that can be nonzero, per block: the loss steps t of its recurrence (L,), in its
         own step order, and ‖C(t, k)‖_F for those t and every k, (L, T): O(L · T) memory instead of O(T²)."""
@@ -148,6 +154,7 @@ class CreditMap:
         return {name: results[name] if name in results else zeros for name in self.trace.model.weights}
 
     @cached_property
+    @flushes_subnormals
     def path_shares(self) -> dict[str, Tensor]:
         """Share of ∂L/∂h_{i+1} flowing back through each path of J_{i+1}: (T,) per path, summing to 1."""
         shares: dict[str, Tensor] = {}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gatelens.analysis.norms import frobenius
+from gatelens.analysis.norms import flushes_subnormals, frobenius
 from gatelens.analysis.serialize import json_list
 from gatelens.trace import Trace
 
@@ -74,6 +74,7 @@ class LocalGradients:
         }
 
 
+@flushes_subnormals
 def local_gradients(trace: Trace, *, layer: int | None = None, direction: str | None = None) -> LocalGradients:
     """‖∂⁺h_k/∂θ‖_F for every step, sequence and weight block (module docstring).
 

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gatelens.analysis.norms import flushes_subnormals
 from gatelens.analysis.serialize import json_list
 from gatelens.model import InitialState, Model
 from gatelens.trace import Recurrence, Trace
@@ -103,6 +104,7 @@ class Lyapunov:
         }
 
 
+@flushes_subnormals
 def lyapunov(
     source: Model | Trace,
     x: Any = None,

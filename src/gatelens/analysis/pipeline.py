@@ -43,6 +43,7 @@ from gatelens.analysis.credit import CreditMap
 from gatelens.analysis.explain import Explanation, explanation_of
 from gatelens.analysis.local import LocalGradients, local_gradients
 from gatelens.analysis.lyapunov import DEFAULT_EXPONENTS, Lyapunov, lyapunov, traced
+from gatelens.analysis.norms import flushes_subnormals
 from gatelens.analysis.propagation import Propagation, propagation
 from gatelens.analysis.regimes import Regimes, check_thresholds, regimes
 from gatelens.analysis.serialize import json_list
@@ -151,6 +152,7 @@ class Analysis:
         return results
 
 
+@flushes_subnormals
 def analyze(
     source: Trace | Model,
     x: Any = None,

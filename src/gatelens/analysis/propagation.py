@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gatelens.analysis.norms import flushes_subnormals
 from gatelens.analysis.products import LagProducts, anchor_steps, lag_limit
 from gatelens.analysis.serialize import json_list
 from gatelens.progress import tick
@@ -90,6 +91,7 @@ class Propagation:
         }
 
 
+@flushes_subnormals
 def propagation(
     trace: Trace,
     anchors: int | Sequence[int] | Tensor | None = None,
