@@ -16,9 +16,9 @@ weight, W_iz included, still arrives from the steps at and after the block; only
 With a loss at every step (many-to-many) G_before survives as well. ``transmission`` is the share of the later
 losses' adjoint that crosses the step, ‖ā J_m‖ / ‖ā‖ with ā = ∂(Σ_{t≥m} L_t)/∂h_m.
 
-The parts are computed from the credit map's own adjoints: one extra BPTT sweep per event, restricted to the
-event's sequence, gives ā for the losses t ≥ m; its parameter factors summed over k ≥ m and k < m give G_after
-and G_across.
+The parts are computed from the credit map's own adjoints: one extra BPTT sweep for all the events of a
+recurrence, each event a column holding its sequence, gives ā for the losses t ≥ m and for those t < m; the
+parameter factors of the first summed over k ≥ m and k < m give G_after and G_across, those of the second G_before.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gatelens.analysis.credit import CreditMap, credit, summed_adjoints
+from gatelens.analysis.credit import FACTOR_TEMPORARIES, CreditMap, credit, step_chunks, summed_adjoints
 from gatelens.analysis.norms import flushes_subnormals, frobenius
-from gatelens.cells.base import Factor, NormBounds, map_cache
+from gatelens.cells.base import NormBounds, map_cache
 from gatelens.trace import Recurrence, Trace
 
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in float32)
@@ -289,32 +289,32 @@ Effect = tuple[float, bool, dict[str, dict[str, float]]]  # transmission, underf
 
 
 def _effects(cm: CreditMap, streams: dict[str, Recurrence], events: list[tuple[Any, ...]]) -> list[Effect]:
-    """(transmission, underflow, parts by block) of each event under one credit map; one sweep per sequence."""
+    """(transmission, underflow, parts by block) of each event under one credit map: one sweep per recurrence for all
+    of its events at once, each event a column of its own (its sequence's caches, :func:`_columns`)."""
     gradients = {rec.name: g for rec, g in cm.streams}
     results: dict[int, Effect] = {}
-    groups: dict[tuple[str, int], list[int]] = {}
-    for index, (name, _, sequence, _, _) in enumerate(events):
-        groups.setdefault((name, sequence), []).append(index)
-    for (name, sequence), members in groups.items():
-        rec = _one_sequence(streams[name], sequence)
-        g = gradients[name][:, sequence : sequence + 1]
-        adjoint = cm.adjoints[name][:, sequence : sequence + 1]
-        steps = [events[index][1] for index in members]
-        for index, effect in zip(members, _split(rec, g, adjoint, steps)):
+    by_recurrence: dict[str, list[int]] = {}
+    for index, (name, *_) in enumerate(events):
+        by_recurrence.setdefault(name, []).append(index)
+    for name, members in by_recurrence.items():
+        sequences = [events[index][2] for index in members]
+        rec = _columns(streams[name], sequences)
+        g, adjoint = gradients[name][:, sequences], cm.adjoints[name][:, sequences]
+        for index, effect in zip(members, _split(rec, g, adjoint, [events[index][1] for index in members])):
             results[index] = effect
     return [results[index] for index in range(len(events))]
 
 
-def _one_sequence(rec: Recurrence, sequence: int) -> Recurrence:
-    """The recurrence restricted to one sequence (batch of one)."""
-    part = slice(sequence, sequence + 1)
+def _columns(rec: Recurrence, sequences: list[int]) -> Recurrence:
+    """The recurrence over the listed sequences, in that order, as its batch (a sequence may appear more than once)."""
+    index = torch.tensor(sequences, dtype=torch.long, device=rec.states.device)
     return Recurrence(
         name=rec.name,
         cell=rec.cell,
-        states=rec.states[:, part],
-        cache=map_cache(lambda tensor: tensor[:, part], rec.cache),
-        mask=None if rec.mask is None else rec.mask[:, part],
-        input_index=rec.input_index[:, part],
+        states=rec.states[:, index],
+        cache=map_cache(lambda tensor: tensor[:, index], rec.cache),
+        mask=None if rec.mask is None else rec.mask[:, index],
+        input_index=rec.input_index[:, index],
     )
 
 
@@ -340,36 +340,57 @@ def _log_adjoint_norm(rec: Recurrence, g: Tensor, start: int) -> float:
 
 
 def _split(rec: Recurrence, g: Tensor, adjoint: Tensor, steps: list[int]) -> list[Effect]:
-    """For events at step indices ``steps`` of a one-sequence recurrence with loss gradient g (T, 1, S) and
-    summed adjoint ā (T, 1, S): the transmission and the norms of G_before, G_across, G_after, G per block."""
-    count, total_steps = len(steps), rec.steps
-    index = torch.arange(total_steps, device=g.device)
-    starts = torch.tensor(steps, device=g.device)
-    later = (index[None, :] >= starts[:, None])[..., None, None]  # (E, T, 1, 1): loss or source step ≥ the event
+    """For events at step indices ``steps``, event e in column e of the recurrence, with loss gradient g (T, E, S) and
+    summed adjoint ā (T, E, S): the transmission and the norms of G_before, G_across, G_after, G per block."""
+    count = len(steps)
+    device = g.device
+    starts = torch.tensor(steps, device=device)
+    columns = torch.arange(count, device=device)
+    later = (torch.arange(rec.steps, device=device)[:, None] >= starts[None, :])[..., None]  # (T, E, 1)
     later_g = torch.where(later, g, 0.0)
-    later_adjoint = summed_adjoints(rec, later_g)  # ā for the losses t ≥ m, one BPTT sweep for every event
-    earlier_adjoint = summed_adjoints(rec, torch.where(later, 0.0, g))  # and for the losses t < m
-    at_event = later_adjoint[torch.arange(count), starts]  # (E, 1, S)
-    crossing = torch.stack([rec.state_vjp(at_event[e], steps=steps[e]) for e in range(count)])
-    at_event_norm = frobenius(at_event, dims=2)
-    transmission = frobenius(crossing, dims=2) / at_event_norm
+    # ā for the losses t ≥ m and for those t < m, every event in one BPTT sweep
+    later_adjoint, earlier_adjoint = summed_adjoints(rec, torch.stack([later_g, torch.where(later, 0.0, g)]))
+    at_event = later_adjoint[starts, columns]  # (E, S)
+    crossing = rec.cell.state_vjp(map_cache(lambda tensor: tensor[starts, columns], rec.cache), at_event)
+    at_event_norm = frobenius(at_event, dims=1)
+    transmission = frobenius(crossing, dims=1) / at_event_norm
     underflow = [
-        bool(at_event_norm[e] == 0) and math.isfinite(_log_adjoint_norm(rec, later_g[e], steps[e]))
+        bool(at_event_norm[e] == 0)
+        and math.isfinite(_log_adjoint_norm(_columns(rec, [e]), later_g[:, e : e + 1], steps[e]))
         for e in range(count)
     ]
-    factors = rec.param_factors(torch.cat([adjoint[None], later_adjoint, earlier_adjoint]))
-    parts: list[dict[str, dict[str, float]]] = [{} for _ in steps]
-    for name, (delta, inputs) in factors.items():
-        total = Factor(delta[0], inputs).contract(batch_dims=2)
-        from_later, from_earlier = delta[1 : 1 + count], delta[1 + count :]
-        split = {  # δ is linear in the adjoint: each part contracts its own adjoint, never a difference of two
-            "before": Factor(from_earlier, inputs).contract(batch_dims=2),
-            "across": Factor(torch.where(later, 0.0, from_later), inputs).contract(batch_dims=2),
-            "after": Factor(torch.where(later, from_later, 0.0), inputs).contract(batch_dims=2),
-        }
-        dims = total.dim()
-        norms = {part: frobenius(value, dims=dims).tolist() for part, value in split.items()}
-        total_norm = float(frobenius(total, dims=dims))
-        for e in range(count):
-            parts[e][name] = {part: norms[part][e] for part in PARTS} | {"total": total_norm}
-    return [(float(transmission[e]), bool(underflow[e]), parts[e]) for e in range(count)]
+    sums: dict[str, dict[str, Tensor]] = {}
+    for window in step_chunks(rec, per_step=3 * FACTOR_TEMPORARIES * count * rec.cell.state_size):
+        adjoints = torch.stack([adjoint[window], later_adjoint[window], earlier_adjoint[window]])
+        kept = later[window]
+        for name, (delta, inputs) in rec.param_factors(adjoints, steps=window).items():
+            parts = {  # δ is linear in the adjoint: each part contracts its own adjoint, never a difference of two
+                "total": delta[0],
+                "before": delta[2],
+                "across": torch.where(kept, 0.0, delta[1]),
+                "after": torch.where(kept, delta[1], 0.0),
+            }
+            for part, value in parts.items():
+                column_sums = _per_column(value, inputs)
+                block = sums.setdefault(name, {})
+                block[part] = block[part] + column_sums if part in block else column_sums
+    norms = {
+        name: {part: frobenius(value, dims=value.dim() - 1).tolist() for part, value in parts.items()}
+        for name, parts in sums.items()
+    }
+    return [
+        (
+            float(transmission[e]),
+            underflow[e],
+            {name: {part: norms[name][part][e] for part in (*PARTS, "total")} for name in norms},
+        )
+        for e in range(count)
+    ]
+
+
+def _per_column(adjoint: Tensor, inputs: Tensor | None) -> Tensor:
+    """Σ_t δ_{t,e}ᵀ ⊗ u_{t,e} for every column e (a bias: Σ_t δ_{t,e}): adjoint (T, E, rows), inputs (T, E, cols) ↦
+    (E, rows, cols), or (E, rows)."""
+    if inputs is None:
+        return adjoint.sum(0)
+    return torch.einsum("ter,tec->erc", adjoint, inputs)

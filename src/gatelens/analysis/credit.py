@@ -76,7 +76,7 @@ class CreditMap:
         sequences contracted at once: no (T, *shape) intermediate)."""
         totals: dict[str, Tensor] = {}
         for rec, _ in self.streams:
-            for window in _step_chunks(rec):
+            for window in step_chunks(rec):
                 for name, factor in rec.param_factors(self.adjoints[rec.name][window], steps=window).items():
                     part = factor.contract(batch_dims=2)
                     totals[name] = totals[name] + part if name in totals else part
@@ -386,7 +386,7 @@ def refuse_overflow(rec: Recurrence, backward: Tensor) -> None:
     )
 
 
-def _step_chunks(rec: Recurrence, per_step: int = 0) -> list[slice]:
+def step_chunks(rec: Recurrence, per_step: int = 0) -> list[slice]:
     """Consecutive slices of steps, each with at most CHUNK_ELEMENTS elements of the parameter factors' temporaries
     (FACTOR_TEMPORARIES tensors of (steps, B, S)) or of a (steps, per_step) tensor."""
     batch, size = rec.states.shape[1:]
@@ -398,7 +398,7 @@ def _source_norms(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
     """‖Σ_b δ_bᵀ ⊗ u_b‖_F at every source step k, (T,) per block: the norms of by_source, a chunk at a time."""
     parts: dict[str, list[Tensor]] = {}
     every_block = sum(weight.numel() for weight in rec.cell.weights.values())  # param_vjp forms them all at once
-    for window in _step_chunks(rec, every_block):
+    for window in step_chunks(rec, every_block):
         for name, grad in rec.param_vjp(adjoints[window], steps=window).items():
             parts.setdefault(name, []).append(frobenius(grad.flatten(1), dims=1))
     return {name: torch.cat(values) for name, values in parts.items()}
