@@ -9,6 +9,7 @@ cm = gl.credit(trace, loss="last", head=head, targets=y)   # cm.total, cm.by_sou
 pr = gl.propagation(trace)                  # log‖∂h_T/∂h_{T−ℓ}‖ for every lag ℓ; pr.horizon(eps=1e-3)
 rg = gl.regimes(trace)                      # carry / blocked / Elman-like / mixed per unit and step; timescales
 an = gl.analyze(trace)                      # every analysis once: an.recurrences, an.credit, an.blocking
+ds = gl.analyze_dataset(model, x_all, batch_size=64)   # N sequences in batches, statistics pooled exactly
 print(an.explanation)                       # findings in plain language, each with its number
 """
 
@@ -16,6 +17,7 @@ from gatelens.analysis import (
     Analysis,
     Blocking,
     CreditMap,
+    DatasetAnalysis,
     Explanation,
     InputInfluence,
     LocalGradients,
@@ -24,6 +26,7 @@ from gatelens.analysis import (
     Regimes,
     Settings,
     analyze,
+    analyze_dataset,
     blocking,
     credit,
     explain,
@@ -49,6 +52,7 @@ __all__ = [
     "Blocking",
     "Cell",
     "CreditMap",
+    "DatasetAnalysis",
     "Elman",
     "Explanation",
     "InputInfluence",
@@ -64,6 +68,7 @@ __all__ = [
     "Stack",
     "Trace",
     "analyze",
+    "analyze_dataset",
     "blocking",
     "credit",
     "explain",

@@ -2,6 +2,7 @@
 
 from gatelens.analysis.blocking import Blocking, BlockingEvent, blocking, probe_credits
 from gatelens.analysis.credit import CreditMap, credit
+from gatelens.analysis.dataset import DatasetAnalysis, analyze_dataset
 from gatelens.analysis.explain import Explanation, Finding
 from gatelens.analysis.influence import InputInfluence, input_influence
 from gatelens.analysis.local import LocalGradients, local_gradients
@@ -16,6 +17,7 @@ __all__ = [
     "Blocking",
     "BlockingEvent",
     "CreditMap",
+    "DatasetAnalysis",
     "Explanation",
     "Finding",
     "InputInfluence",
@@ -25,6 +27,7 @@ __all__ = [
     "Regimes",
     "Settings",
     "analyze",
+    "analyze_dataset",
     "blocking",
     "credit",
     "explain",

@@ -17,6 +17,12 @@ averaged from h_0 with no warm-up, so over a few dozen steps the transient from 
 and a horizon that is not reached within T steps says nothing about longer lags. The Lyapunov finding follows the
 top min(S, k) exponents the analysis computed, so a rank deficit shows where the rank is below that number.
 
+A whole data set (:func:`gatelens.analyze_dataset`, :func:`dataset_explanation_of`) has the same topics but blocking,
+from its pooled statistics: regimes, timescales and local gradients as above (the largest local gradient's sequence
+is its index in the data set); the horizon as the distribution of every sequence's own horizon (median and
+quantiles with the unreached sequences counted as longer than any lag, and how many reach eps); λ₁ as its mean ±
+standard error over the sequences and over the batches, with the count of positive and negative ones.
+
 A unidirectional model is explained as one recurrence (all layers together); a bidirectional one per layer and
 direction. A stage that was not run has no finding. Each finding keeps its supporting numbers in ``details``;
 ``to_dict`` gives JSON and ``render`` text.
@@ -39,6 +45,7 @@ from gatelens.analysis.serialize import json_number
 from gatelens.trace import Trace
 
 if TYPE_CHECKING:
+    from gatelens.analysis.dataset import DatasetAnalysis, PooledHorizons, PooledLyapunov
     from gatelens.analysis.pipeline import Analysis
 
 SHORT_TRACE = 100  # fewer steps than this: the Lyapunov estimate and an unreached horizon are called short
@@ -327,3 +334,113 @@ def _blocking_findings(result: Blocking, dtype: str) -> list[Finding]:
 def _across_share(parts: dict[str, float]) -> float:
     """‖G_across‖ / ‖G‖ for one block (0 for a block without gradient)."""
     return parts["across"] / parts["total"] if parts["total"] > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole data set
+
+
+def dataset_explanation_of(dataset: DatasetAnalysis) -> Explanation:
+    """The findings about a whole data set from its pooled statistics (module docstring), in the order of one
+    batch's findings."""
+    findings = []
+    for part in dataset.recurrences:
+        if part.regimes is not None:
+            findings += [_regime_finding(part.regimes), _timescale_finding(part.regimes)]
+        if part.horizons is not None:
+            findings.append(_horizon_distribution_finding(part.horizons, dataset.steps))
+        if part.local is not None:
+            findings.append(_local_finding(part.local))
+        if part.lyapunov is not None:
+            findings.append(_lyapunov_mean_finding(part.lyapunov))
+    order = ["regimes", "timescales", "horizon", "local gradients", "lyapunov"]
+    findings.sort(key=lambda f: order.index(f.topic))
+    return Explanation(model=dataset.model, findings=findings)
+
+
+def _horizon_distribution_finding(result: PooledHorizons, steps: int) -> Finding:
+    """The median horizon over the sequences, its 5–95 % and quartile range, and how many sequences reach eps;
+    a quantile beyond the sequences that reach eps is "longer than any lag computed" (∞)."""
+    summary = result.summary()
+    count, reached, eps = summary["sequences"], summary["reached"], result.eps
+    within = f"within max_lag = {result.max_lag} lags of their own last step (or their length, if shorter)"
+    if reached == 0:
+        text = f"‖∂h_T/∂h_(T−ℓ)‖ stays above {eps:g} at every lag of all {count} sequences {within}: no vanishing"
+        if steps < SHORT_TRACE:
+            text += f"; with fewer than {SHORT_TRACE} steps the trace is too short to say whether it vanishes later"
+        return Finding("horizon", result.recurrence, text + ".", None, {"eps": eps, **_json_summary(summary)})
+
+    def lag(value: float) -> str:
+        return f"> {result.max_lag}" if math.isinf(value) else f"{value:.0f}"
+
+    median = summary["median"]
+    if math.isinf(median):
+        text = (
+            f"fewer than half of the {count} sequences ({reached}) have ‖∂h_T/∂h_(T−ℓ)‖ fall below {eps:g} {within}: "
+            f"the median horizon is longer than that"
+        )
+    else:
+        text = (
+            f"‖∂h_T/∂h_(T−ℓ)‖ falls below {eps:g} after a median of ℓ = {median:.0f} steps from each sequence's own "
+            f"last step, over {count} sequences (quartiles {lag(summary['p25'])}–{lag(summary['p75'])}, 5–95 % "
+            f"{lag(summary['p05'])}–{lag(summary['p95'])}); {reached} of {count} reach it {within}"
+        )
+    value = None if math.isinf(median) else median
+    return Finding("horizon", result.recurrence, text + ".", value, {"eps": eps, **_json_summary(summary)})
+
+
+def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    return {name: json_number(value) if isinstance(value, float) else value for name, value in summary.items()}
+
+
+def _lyapunov_mean_finding(result: PooledLyapunov) -> Finding:
+    """λ₁ (the first direction's exponent) as mean ± standard error over the sequences where it is finite, and over
+    the batches; how many sequences have λ₁ > 0 and < 0, their range, whether the estimate is short, and how many
+    sequences have −inf exponents among the k followed."""
+    largest = result.exponents[:, 0]
+    count, batches, k = len(largest), len(result.batch_edges) - 1, result.exponents.shape[1]
+    mean, stderr = float(result.mean[0]), float(result.stderr[0])
+    positive, negative = int((largest > 0).sum()), int((largest < 0).sum())
+    if math.isnan(mean):
+        text = f"λ₁ is −inf on all {count} sequences: {_lyapunov_meaning(-math.inf, int(result.rank.max()))}."
+    else:
+        spread = f" ± {stderr:.2g}" if not math.isnan(stderr) else ""
+        over_batches = ""
+        if batches > 1:
+            batch_error = float(result.batch_stderr[0])
+            error = f" ± {batch_error:.2g}" if not math.isnan(batch_error) else ""
+            over_batches = f"; over the {batches} batches {float(result.batch_mean[0]):.3g}{error}"
+        finite = largest[largest.isfinite()]
+        text = (
+            f"the top Lyapunov exponent λ₁ is {mean:.3g}{spread} per step (mean ± standard error over {count} "
+            f"sequences{over_batches}): at the mean, {_lyapunov_meaning(mean, k)}; {positive} of {count} sequences "
+            f"have λ₁ > 0, {negative} have λ₁ < 0 (range {float(finite.min()):.3g} to {float(finite.max()):.3g})."
+        )
+    counted = result.counted
+    fewest, most = int(counted.min()), int(counted.max())
+    short = fewest < SHORT_TRACE
+    over = _count(most, "step") if fewest == most else f"{fewest} to {most} steps per sequence"
+    text += f" Estimated over {over} from h_0 with no warm-up" + (
+        f": a short estimate (under {SHORT_TRACE} steps) that includes the transient from the initial state." if short
+        else "."
+    )  # fmt: skip
+    deficient = int((result.rank < k).sum())
+    if deficient:
+        text += (
+            f" On {deficient} of {count} sequences some of the {k} exponents followed are −inf: directions that some "
+            "step maps to zero within roundoff (|R_jj| ≤ S·eps·‖J_t‖_F)."
+        )
+    details = {
+        "mean": json_number(mean),
+        "stderr": json_number(stderr),
+        "batch_mean": json_number(float(result.batch_mean[0])),
+        "batch_stderr": json_number(float(result.batch_stderr[0])),
+        "sequences": count,
+        "batches": batches,
+        "positive": positive,
+        "negative": negative,
+        "rank_deficient": deficient,
+        "exponents_followed": k,
+        "short": short,
+    }
+    return Finding("lyapunov", result.recurrence, text, json_number(mean), details)

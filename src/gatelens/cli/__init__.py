@@ -3,8 +3,8 @@
     gatelens demo        train a GRU and an Elman RNN briefly, run every analysis, write an HTML report
     gatelens analyze     every analysis of a saved model on an input; results.json, figures and report.html
     gatelens explain     the findings only
-    gatelens jacobians   the per-step Jacobians and their paths, as a .npz
-    gatelens credit      a credit map, as a .npz
+    gatelens jacobians   the per-step Jacobians and their paths, streamed to a .npz
+    gatelens credit      a credit map, streamed to a .npz
     gatelens experiment  one of the experiments behind gatelens' claims
     gatelens sweep       an experiment over a grid, on a local or remote Dask cluster
 
@@ -25,9 +25,9 @@ from typing import Any
 from rich.console import Console
 
 from gatelens import __version__
-from gatelens.cli import analyze, demo, experiment, sweep
+from gatelens.cli import analyze, arrays, demo, experiment, sweep
 
-COMMANDS = (demo, analyze, experiment, sweep)
+COMMANDS = (demo, analyze, arrays, experiment, sweep)
 
 
 def parser() -> argparse.ArgumentParser:

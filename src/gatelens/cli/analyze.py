@@ -1,9 +1,9 @@
-"""``gatelens analyze | explain | jacobians | credit CHECKPOINT [--input X]``: a user's model on a user's data.
+"""``gatelens analyze | explain CHECKPOINT [--input X]``: a user's model on a user's data.
 
 analyze    every analysis; writes results.json, the figures and report.html into --out
 explain    the findings only
-jacobians  ∂h_t/∂h_{t-1} and its paths for every step and sequence, as a .npz
-credit     the credit map of a probe loss, as a .npz
+
+(``jacobians`` and ``credit``, which write arrays to a .npz, live in :mod:`gatelens.cli.arrays`.)
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gatelens.analysis import Analysis, Settings, analyze, probe_credits
+from gatelens.analysis import Analysis, Settings, analyze
 from gatelens.analysis.lyapunov import DEFAULT_EXPONENTS
-from gatelens.analysis.pipeline import MAX_LAG, PROBES, STAGES, recurrence_parts
-from gatelens.cli.common import add_model_options, load_and_trace, print_json
+from gatelens.analysis.pipeline import MAX_LAG, PROBES, STAGES
+from gatelens.cli.common import add_model_options, load_input, print_json, trace_input
+from gatelens.cli.dataset import add_dataset_options, over_batches, run_analyze_dataset, run_explain_dataset
 from gatelens.experiments.folders import writable_folder
 from gatelens.report.findings import findings_table
 from gatelens.report.folder import write_report_folder
@@ -43,6 +42,7 @@ def register(commands: Any) -> None:
     add_model_options(analyze)
     analyze.add_argument("--loss", choices=tuple(PROBES), default="last", help=LOSS_HELP)
     add_stage_options(analyze)
+    add_dataset_options(analyze)
     analyze.add_argument("--out", default="gatelens-analysis", help="results folder (default: gatelens-analysis)")
     analyze.set_defaults(handler=run_analyze)
 
@@ -55,30 +55,8 @@ def register(commands: Any) -> None:
     )
     add_model_options(explain_command)
     add_stage_options(explain_command)
+    add_dataset_options(explain_command)
     explain_command.set_defaults(handler=run_explain)
-
-    jacobians = commands.add_parser(
-        "jacobians",
-        help="write ∂h_t/∂h_{t-1} and its paths for every step and sequence to a .npz",
-        description="Write the per-step Jacobians J[i] = ∂h_{i+1}/∂h_i, (T, B, S, S), and their named paths (which "
-        "sum to J) for each recurrence: the whole stack of a unidirectional model, or each layer and direction.",
-        epilog="example: gatelens jacobians model.pt --input x.npy --dtype float64 --out J.npz",
-    )
-    add_model_options(jacobians)
-    jacobians.add_argument("--out", default="jacobians.npz", help="the .npz to write (default: jacobians.npz)")
-    jacobians.set_defaults(handler=run_jacobians)
-
-    credit = commands.add_parser(
-        "credit",
-        help="write the credit map of a probe loss (by source step, by lag, loss step × source step) to a .npz",
-        description="Write the credit map of the probe loss: for every weight block, the total gradient, its parts "
-        "by source step, the norms by lag, and the loss step × source step norms.",
-        epilog="example: gatelens credit model.pt --input x.npy --loss all --out C.npz",
-    )
-    add_model_options(credit)
-    credit.add_argument("--loss", choices=tuple(PROBES), default="last", help=LOSS_HELP)
-    credit.add_argument("--out", default="credit.npz", help="the .npz to write (default: credit.npz)")
-    credit.set_defaults(handler=run_credit)
 
 
 def add_stage_options(command: argparse.ArgumentParser) -> None:
@@ -105,7 +83,10 @@ def add_stage_options(command: argparse.ArgumentParser) -> None:
 
 def run_analyze(arguments: argparse.Namespace, console: Console) -> int:
     out = writable_folder(arguments.out)
-    loaded = load_and_trace(arguments)
+    given = load_input(arguments)
+    if over_batches(arguments, given, console):  # more sequences than one batch: analysed as a data set
+        return run_analyze_dataset(arguments, console, given, out, _settings(arguments))
+    loaded = trace_input(given)
     console.print(loaded.note)
     analyses = analyze_with_progress(
         loaded.trace, "model", console, loss=arguments.loss, only=arguments.only, skip=arguments.skip,
@@ -144,7 +125,10 @@ def analyze_with_progress(trace: Any, name: str, console: Console, **options: An
 
 
 def run_explain(arguments: argparse.Namespace, console: Console) -> int:
-    loaded = load_and_trace(arguments)
+    given = load_input(arguments)
+    if over_batches(arguments, given, console):
+        return run_explain_dataset(arguments, console, given, _settings(arguments))
+    loaded = trace_input(given)
     console.print(loaded.note)
     skip = sorted({"credit", *arguments.skip})
     analysis = analyze_with_progress(
@@ -159,54 +143,3 @@ def run_explain(arguments: argparse.Namespace, console: Console) -> int:
 
 def _settings(arguments: argparse.Namespace) -> Settings:
     return Settings(max_lag=arguments.max_lag, k=arguments.exponents, seed=arguments.seed)
-
-
-def run_jacobians(arguments: argparse.Namespace, console: Console) -> int:
-    out = _npz_path(arguments.out)
-    loaded = load_and_trace(arguments)
-    console.print(loaded.note)
-    arrays: dict[str, np.ndarray] = {}
-    with console.status("forming Jacobians"):
-        for layer, direction in recurrence_parts(loaded.trace):
-            label = loaded.trace.recurrence(layer, direction).name
-            arrays[f"{label}/jacobian"] = _numpy(loaded.trace.jacobians(layer=layer, direction=direction))
-            for path, term in loaded.trace.jacobian_paths(layer=layer, direction=direction).items():
-                arrays[f"{label}/{path}"] = _numpy(term)
-    return _write_npz(out, arrays, arguments, console)
-
-
-def run_credit(arguments: argparse.Namespace, console: Console) -> int:
-    out = _npz_path(arguments.out)
-    loaded = load_and_trace(arguments)
-    console.print(loaded.note)
-    arrays: dict[str, np.ndarray] = {}
-    with console.status("computing the credit map"):
-        credit_map = probe_credits(loaded.trace, seed=arguments.seed)[PROBES[arguments.loss]]
-        for field in ("total", "by_source", "by_lag", "norms", "path_shares"):
-            arrays |= {f"{field}/{name}": _numpy(value) for name, value in getattr(credit_map, field).items()}
-    return _write_npz(out, arrays, arguments, console)
-
-
-def _npz_path(out: str) -> Path:
-    path = Path(out)
-    if path.suffix != ".npz":
-        raise ValueError(f"--out must name a .npz file, got {out!r}")
-    if path.is_dir():
-        raise ValueError(f"--out {out} is a directory; name the .npz file to write, e.g. {path / 'arrays.npz'}")
-    writable_folder(path.parent if str(path.parent) else ".")
-    return path
-
-
-def _numpy(values: torch.Tensor) -> np.ndarray:
-    return values.detach().cpu().numpy()
-
-
-def _write_npz(out: Path, arrays: dict[str, np.ndarray], arguments: argparse.Namespace, console: Console) -> int:
-    np.savez_compressed(out, **arrays)
-    if arguments.json:
-        print_json({"file": str(out), "arrays": {name: list(array.shape) for name, array in arrays.items()}})
-    else:
-        names = list(arrays)
-        shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
-        console.print(f"wrote {len(names)} arrays to {out}: {shown}; numpy.load({str(out)!r}).files lists them all")
-    return 0

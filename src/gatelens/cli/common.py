@@ -72,8 +72,29 @@ class Loaded:
     note: str
 
 
+@dataclass(frozen=True)
+class Input:
+    """A model on its device and dtype, with its input ``x`` in the model's dtype (on the CPU, not yet traced: a
+    data set is traced batch by batch); ``note`` says where the input came from."""
+
+    model: Model
+    x: torch.Tensor
+    note: str
+
+
 def load_and_trace(arguments: argparse.Namespace) -> Loaded:
     """Read the model and its input as the options say, move both to the device and dtype, and trace."""
+    return trace_input(load_input(arguments))
+
+
+def trace_input(given: Input) -> Loaded:
+    """The model traced on its whole input, on the model's device."""
+    return Loaded(given.model, given.model.trace(given.x.to(given.model.device)), given.note)
+
+
+def load_input(arguments: argparse.Namespace) -> Input:
+    """Read the model and its input as the options say; the model moved to the device and dtype, the input
+    converted to that dtype."""
     device = _device(arguments.device)
     model = _model(arguments)
     widened = ""
@@ -84,7 +105,7 @@ def load_and_trace(arguments: argparse.Namespace) -> Loaded:
         model = model.to(torch.float32)
     model = model.to(device)
     x, note = _input(arguments, model)
-    return Loaded(model, model.trace(x.to(device=device, dtype=model.dtype)), note + widened)
+    return Input(model, x.to(dtype=model.dtype), note + widened)
 
 
 def _device(name: str) -> torch.device:
