@@ -69,7 +69,7 @@ from gatelens.analysis.pipeline import (
     chosen_stages,
 )
 from gatelens.analysis.propagation import Propagation
-from gatelens.analysis.regimes import REGIMES, Regimes
+from gatelens.analysis.regimes import REGIMES, Regimes, unit_summaries
 from gatelens.analysis.serialize import json_list, json_number
 from gatelens.model import InitialState, Model
 from gatelens.trace import Trace
@@ -185,28 +185,7 @@ class PooledRegimes:
             "thresholds": list(self.thresholds),
             "valid_steps": self.valid,
             "census": dict(zip(REGIMES, self.census.tolist())),
-            "units": [
-                {
-                    "unit": label,
-                    "census": dict(zip(REGIMES, census)),
-                    "mean_carry": carry,
-                    "mean_admit": admit,
-                    "mean_gate": gate,
-                    "timescale": tau,
-                    "kind": kind,
-                    "looks_blocked": looks,
-                }
-                for label, census, carry, admit, gate, tau, kind, looks in zip(
-                    self.unit_labels,
-                    self.census_by_unit.tolist(),
-                    self.mean_carry.tolist(),
-                    self.mean_admit.tolist(),
-                    self.mean_gate.tolist(),
-                    json_list(self.timescale),
-                    self.unit_kind,
-                    self.looks_blocked.tolist(),
-                )
-            ],
+            "units": unit_summaries(self),
         }
 
 

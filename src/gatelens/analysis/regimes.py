@@ -133,28 +133,7 @@ class Regimes:
             "recurrence": self.recurrence,
             "thresholds": list(self.thresholds),
             "census": dict(zip(REGIMES, self.census.tolist())),
-            "units": [
-                {
-                    "unit": label,
-                    "census": dict(zip(REGIMES, census)),
-                    "mean_carry": carry,
-                    "mean_admit": admit,
-                    "mean_gate": gate,
-                    "timescale": tau,
-                    "kind": kind,
-                    "looks_blocked": looks,
-                }
-                for label, census, carry, admit, gate, tau, kind, looks in zip(
-                    self.unit_labels,
-                    self.census_by_unit.tolist(),
-                    self.mean_carry.tolist(),
-                    self.mean_admit.tolist(),
-                    self.mean_gate.tolist(),
-                    json_list(self.timescale),
-                    self.unit_kind,
-                    self.looks_blocked.tolist(),
-                )
-            ],
+            "units": unit_summaries(self),
         }
 
 
@@ -230,3 +209,30 @@ def _timescale_bounds(long_term: Any, short_term: Any) -> tuple[float, float]:
     if short_term > long_term:
         raise ValueError(f"short_term ({short_term}) must not exceed long_term ({long_term})")
     return float(long_term), float(short_term)
+
+
+def unit_summaries(regimes: Any) -> list[dict[str, Any]]:
+    """Per memory unit of a :class:`Regimes` (or pooled regimes with the same fields): its census, mean carry, admit
+    and gate, timescale (None where infinite), kind and whether it looks blocked, ready for JSON."""
+    return [
+        {
+            "unit": label,
+            "census": dict(zip(REGIMES, census)),
+            "mean_carry": carry,
+            "mean_admit": admit,
+            "mean_gate": gate,
+            "timescale": tau,
+            "kind": kind,
+            "looks_blocked": looks,
+        }
+        for label, census, carry, admit, gate, tau, kind, looks in zip(
+            regimes.unit_labels,
+            regimes.census_by_unit.tolist(),
+            regimes.mean_carry.tolist(),
+            regimes.mean_admit.tolist(),
+            regimes.mean_gate.tolist(),
+            json_list(regimes.timescale),
+            regimes.unit_kind,
+            regimes.looks_blocked.tolist(),
+        )
+    ]
