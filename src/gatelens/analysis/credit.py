@@ -16,11 +16,12 @@ t; t − k is its lag. A credit map holds, for every block:
 
 ``total`` and ``by_source`` need only the summed adjoint ā_k = Σ_{t≥k} g_t J_t ⋯ J_{k+1}, i.e. BPTT. ``by_lag`` and
 ``norms`` need every chain a_{t,k} = g_t J_t ⋯ J_{k+1} on its own: one backward sweep over time carries the chains
-of every loss step reached so far, stacked into one tensor, so moving them costs one batched product per step,
-and only that step's contributions are formed (``by_lag`` buffers a few steps to contract them in one GEMM;
-``norms`` uses the SVD of the step's inputs). Memory stays O(chains·B·S) plus the results; no Jacobian is kept
-beyond its step. Norms are scaled before squaring, so no contribution representable in the dtype reads as 0.
-Each property is computed on first access.
+of every loss step reached so far, stacked into one tensor, so moving them costs one batched product per step; a
+window of steps at a time, their chains are laid out by lag and their contributions contracted in a few large
+products (``by_lag``: one GEMM per group of blocks; ``norms``: projections by the SVD of each step's inputs), see
+:func:`chain_sweep`. Memory stays O(chains·B·S) per window plus the results; no Jacobian is kept beyond its window.
+Norms are scaled before squaring, so no contribution representable in the dtype reads as 0. Each property is
+computed on first access; :meth:`CreditMap.compute` computes several at once, ``by_lag`` and ``norms`` from one sweep.
 
 Models. A stack of unidirectional layers is one recurrence, so t is the true loss step for every layer. In a
 bidirectional model every direction of every layer is its own recurrence, indexed in its own processing order (a
@@ -31,22 +32,30 @@ adjoint enters the layer from the layer above.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from gatelens._validation import FLOAT64_ADVICE, as_float_tensor, check_finite, check_shape, first_non_finite
 from gatelens.analysis.norms import SAFE_RANGE, flushes_subnormals, frobenius
-from gatelens.cells.base import Factor, check_choice
+from gatelens.cells.base import Factor, check_choice, wide_dtype
 from gatelens.trace import DIRECTIONS, Recurrence, Trace
 
 LOSSES = ("last", "all")
+FIELDS = ("adjoints", "total", "by_source", "by_lag", "norms", "norm_rows", "path_shares")  # what a map computes
 CHUNK_ELEMENTS = 1 << 24  # elements per buffered chunk of work (64 MiB in float32)
 FACTOR_TEMPORARIES = 16  # (steps, B, S) tensors that param_factors forms at once, about
+WINDOW_STEPS = 8  # steps a window of the all-chains sweep holds at least, memory permitting
+WINDOW_ELEMENTS = 1 << 20  # elements of chains a window holds beyond WINDOW_STEPS steps (its work stays in cache)
+SCALE_FREE = 30  # chains within 2^±SCALE_FREE of 1 are not rescaled for the pair norms
+PAIR_TEMPORARIES = 8  # tensors the size of a window's chains (lags, steps, B, S) that chain_sweep forms at once, about
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,18 +106,7 @@ class CreditMap:
         adjoint is its only chain, so the lag profile is ‖C(t₀, t₀ − τ)‖_F = ‖by_source[t₀ − τ]‖_F, formed a chunk
         of source steps at a time: O(T) memory per block. Otherwise the lag sums Σ_{t−k=τ} C(t, k) are
         accumulated, O(T · |θ|) per block."""
-        norms: dict[str, Tensor] = {}
-        for rec, g in self.streams:
-            loss_steps = _loss_steps(g)
-            if len(loss_steps) == 1:
-                norms |= {
-                    name: _by_lag_of_one_row(row, int(loss_steps[0]))
-                    for name, row in _source_norms(rec, self.adjoints[rec.name]).items()
-                }
-                continue
-            sums = chain_sweep(rec, g, lag_sums=True).lag_sums
-            norms |= {name: frobenius(total, dims=total.dim() - 1) for name, total in sums.items()}
-        return self._every_block(norms, self.out_grads.shape[:1])
+        return self._lag_profiles(lambda rec, g: chain_sweep(rec, g, lag_sums=True))
 
     @cached_property
     @flushes_subnormals
@@ -125,10 +123,73 @@ class CreditMap:
     def norm_rows(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The rows of :attr:`norms` that can be nonzero, per block: the loss steps t of its recurrence (L,), in its
         own step order, and ‖C(t, k)‖_F for those t and every k, (L, T): O(L · T) memory instead of O(T²)."""
+        return self._norm_rows(lambda rec, g: chain_sweep(rec, g, pair_norms=True))
+
+    @flushes_subnormals
+    def compute(self, *fields: str) -> CreditMap:
+        """Compute ``fields`` now (default: total, by_source, by_lag and norms) and return the map.
+
+        ``by_lag`` and ``norms`` (or ``norm_rows``) asked for together share one all-chains sweep per recurrence
+        (:func:`chain_sweep`), where computing them one after the other runs two, and the BPTT adjoints behind
+        ``total`` and ``by_source`` are summed from its chains, ā_k = Σ_{t≥k} a_{t,k} (equal to a BPTT sweep's to
+        rounding), unless they were computed before.
+        """
+        fields = fields or ("total", "by_source", "by_lag", "norms")
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"CreditMap.compute: unknown field(s) {unknown}; expected some of {', '.join(FIELDS)}")
+        pending = not {"by_lag", "norm_rows"} & set(self.__dict__)
+        if pending and "by_lag" in fields and {"norms", "norm_rows"} & set(fields):
+            profiles: dict[str, Tensor] = {}
+            rows: dict[str, tuple[Tensor, Tensor]] = {}
+            adjoints: dict[str, Tensor] = {}
+            for rec, g in self.streams:
+                done = chain_sweep(rec, g, lag_sums=len(_loss_steps(g)) > 1, pair_norms=True, adjoints=True)
+                adjoints[rec.name] = self.__dict__.get("adjoints", {}).get(rec.name, done.adjoints)
+                profiles |= self._lag_profile(rec, g, lambda *_, done=done: done, adjoints[rec.name])
+                rows |= {name: (done.loss_steps, values) for name, values in done.pair_norms.items()}
+            self.__dict__.setdefault("adjoints", adjoints)  # the cached properties' values
+            self.__dict__["by_lag"] = self._every_block(profiles, self.out_grads.shape[:1])
+            self.__dict__["norm_rows"] = self._ordered_rows(rows)
+        for field in fields:
+            getattr(self, field)
+        return self
+
+    def _lag_profiles(self, sweep: Callable[[Recurrence, Tensor], ChainSweep]) -> dict[str, Tensor]:
+        """:attr:`by_lag`, with the lag sums of a recurrence reached at many loss steps from ``sweep``."""
+        profiles: dict[str, Tensor] = {}
+        for rec, g in self.streams:
+            profiles |= self._lag_profile(rec, g, sweep)
+        return self._every_block(profiles, self.out_grads.shape[:1])
+
+    def _lag_profile(
+        self,
+        rec: Recurrence,
+        g: Tensor,
+        sweep: Callable[[Recurrence, Tensor], ChainSweep],
+        adjoint: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The lag profiles of one recurrence's blocks: from its BPTT ``adjoint`` (default: :attr:`adjoints`) for a
+        loss at one step, else from the lag sums of ``sweep``."""
+        loss_steps = _loss_steps(g)
+        if len(loss_steps) == 1:
+            adjoint = self.adjoints[rec.name] if adjoint is None else adjoint
+            return {
+                name: _by_lag_of_one_row(row, int(loss_steps[0])) for name, row in _source_norms(rec, adjoint).items()
+            }
+        sums = sweep(rec, g).lag_sums
+        return {name: frobenius(total, dims=total.dim() - 1) for name, total in sums.items()}
+
+    def _norm_rows(self, sweep: Callable[[Recurrence, Tensor], ChainSweep]) -> dict[str, tuple[Tensor, Tensor]]:
+        """:attr:`norm_rows` from ``sweep``."""
         rows: dict[str, tuple[Tensor, Tensor]] = {}
         for rec, g in self.streams:
-            sweep = chain_sweep(rec, g, pair_norms=True)
-            rows |= {name: (sweep.loss_steps, values) for name, values in sweep.pair_norms.items()}
+            done = sweep(rec, g)
+            rows |= {name: (done.loss_steps, values) for name, values in done.pair_norms.items()}
+        return self._ordered_rows(rows)
+
+    def _ordered_rows(self, rows: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Norm rows in the model's block order, none for the blocks of a recurrence no loss step reaches."""
         steps = len(self.out_grads)
         none = (torch.zeros(0, dtype=torch.long, device=self.out_grads.device), self.out_grads.new_zeros(0, steps))
         ordered = self._every_block(rows, (0,))  # checks the names, in the model's block order
@@ -419,54 +480,164 @@ def _by_lag_of_one_row(row: Tensor, step: int) -> Tensor:
 @dataclass(frozen=True)
 class ChainSweep:
     """What one all-chains sweep collected: Σ_{t−k=τ} C(t, k) per lag (T, *shape); ‖C(t, k)‖_F for the loss steps t
-    (rows, ``loss_steps``) and every source step k: (loss steps, T)."""
+    (rows, ``loss_steps``) and every source step k: (loss steps, T); and the summed adjoints."""
 
     lag_sums: dict[str, Tensor]
     pair_norms: dict[str, Tensor]
     loss_steps: Tensor
+    adjoints: Tensor | None = None  # Σ_{t≥k} a_{t,k} = ∂L/∂h_{k+1}, (T, B, S), where asked for
 
 
 @flushes_subnormals
-def chain_sweep(rec: Recurrence, g: Tensor, *, lag_sums: bool = False, pair_norms: bool = False) -> ChainSweep:
+def chain_sweep(
+    rec: Recurrence,
+    g: Tensor,
+    *,
+    lag_sums: bool = False,
+    pair_norms: bool = False,
+    adjoints: bool = False,
+    budget: int | None = None,
+) -> ChainSweep:
     """One backward sweep carrying a chain a_{t,k} = g_t J_t ⋯ J_{k+1} for every loss step t with g_t ≠ 0.
 
-    At step k the chains of every t ≥ k are one stacked tensor: their contributions C(t, k) are contracted from
-    the step's parameter factors, then all of them move to k − 1 at once through the state VJP (:meth:`Recurrence.
-    backward` gives both; a cell forms the step's Jacobian blocks when many chains make that cheaper).
+    At each step k the chains of every t ≥ k move to k − 1 at once: through the state VJP (a cell forms the step's
+    Jacobian when many chains make that cheaper), or, where every step of a window has at least S chains per sequence,
+    through the window's Jacobians formed in one call (:func:`_formed_jacobians`). A chain that is exactly 0 stays 0,
+    so the chains of the longest lags leave the sweep once they are (a vanishing gradient, flushed below the dtype's
+    smallest normal number).
+
+    Their contributions are taken a window of steps at a time. The window's chains are laid out in a tensor A, one row
+    per lag, A[τ, k] = a_{k+τ,k} (zero where k + τ is no loss step), when lag sums are asked for, else one row per
+    chain, A[t, k] = a_{t,k}; one call of the parameter VJP gives every adjoint δ in that layout, and the lag sums and
+    pair norms are a few batched products per window (:class:`PairSums`). A window's temporaries (about
+    PAIR_TEMPORARIES tensors the size of A) stay within ``budget`` elements (CHUNK_ELEMENTS by default), and at least
+    half of A holds chains (:func:`_window`). With ``adjoints``, the chains of every step are also summed:
+    ā_k = Σ_{t≥k} a_{t,k}, the BPTT adjoint.
     """
-    steps = rec.steps
     loss_steps = _loss_steps(g)
-    loss_steps_cpu = loss_steps.tolist()
-    chains = g.new_zeros(g.shape[1], 0, g.shape[2])  # (B, active chains, S), ordered by loss step
-    sums = LagSums(steps)
-    norms: dict[str, Tensor] = {}
-    first = len(loss_steps)  # the active chains belong to loss_steps[first:]
-    finite = torch.ones(steps, g.shape[1], dtype=torch.bool, device=g.device)  # (T, B): every chain finite at step
-    for step in reversed(range(steps)):
-        if first and loss_steps_cpu[first - 1] == step:
-            first -= 1
-            chains = torch.cat([g[step].unsqueeze(1), chains], dim=1)
-        if first == len(loss_steps):
-            continue
-        active = chains.transpose(0, 1)  # (chains, B, S), a view
-        finite[step] = torch.isfinite(chains).flatten(1).all(1)  # checked once at the end: no sync per step
-        if step:  # factors kept by LagSums: chains is never written in place
-            factors, moved = rec.backward(active, steps=step)
+    losses = loss_steps.tolist()
+    ordered = np.asarray(losses)
+    batch, size = g.shape[1:]
+    collected = PairSums(rec.steps, len(losses), lag_sums=lag_sums, pair_norms=pair_norms)
+    finite = torch.ones(rec.steps, batch, dtype=torch.bool, device=g.device)  # (T, B): every chain finite at step
+    summed = torch.zeros_like(g) if adjoints else None
+    budget = CHUNK_ELEMENTS if budget is None else budget
+    moved = None  # the chains of the step after, moved to this step: (chains, B, S) in loss-step order
+    alive = len(losses)  # the chains of the loss steps losses[:alive] are carried; later ones are exactly 0
+    last = losses[-1] if losses else -1
+    while last >= 0:
+        first, low, high = _window(losses, alive, last, batch * size, budget, by_lag=lag_sums)
+        start = bisect_left(losses, first)
+        if lag_sums:  # every lag low..high where the loss steps are consecutive, else those the chains have
+            consecutive = losses[alive - 1] - losses[start] == alive - 1 - start
+            rows = np.arange(low, high + 1) if consecutive else _window_lags(ordered[:alive], first, last)
         else:
-            factors = rec.param_factors(active, steps=step)
-        if lag_sums:
-            sums.add(loss_steps[first:] - step, loss_steps_cpu[first] - step, loss_steps_cpu[-1] - step, factors)
-        if pair_norms:
-            for name, norm in chain_norms(factors).items():
-                if name not in norms:
-                    norms[name] = norm.new_zeros(len(loss_steps), steps)
-                norms[name][first:, step] = norm
-        if not step:
+            consecutive, rows = True, ordered[start:alive]  # one row per loss step
+        # A stored step-major, (steps, B, rows, S), so that every step's chains are one block and the adjoints come
+        # out of the parameter VJP (elementwise in A) laid out alike: one matrix (steps·B, rows·adjoint rows).
+        chains = g.new_zeros(last + 1 - first, batch, len(rows), size)
+        jacobians = _formed_jacobians(rec, first, last, alive - bisect_left(losses, last))
+        for step in range(last, first - 1, -1):
+            index = bisect_left(losses, step)  # the chains of the loss steps losses[index:alive] are active
+            column = chains[step - first].transpose(0, 1)  # (rows, B, S), a view
+            if consecutive:  # the chains fill consecutive rows: a view of them
+                active = column[losses[index] - step - low if lag_sums else index - start :][: alive - index]
+                if losses[index] == step:
+                    active[0] = g[step]
+                if moved is not None:
+                    active[len(active) - len(moved) :] = moved
+            else:
+                active = moved if losses[index] != step else torch.cat([g[step].unsqueeze(0), moved])
+                column.index_copy_(0, _rows_of(rows, ordered[index:alive] - step, g.device), active)
+            if step and jacobians is None:
+                moved = rec.state_vjp(active, steps=step)
+            elif step:
+                moved = (active.transpose(0, 1) @ jacobians[step - first]).transpose(0, 1)
+        largest = chains.abs().amax(dim=-1)  # (steps, B, rows): NaN or inf where a chain is not finite
+        finite[first : last + 1] = torch.isfinite(largest.amax(dim=-1))
+        if summed is not None:
+            summed[first : last + 1] = chains.sum(dim=2)
+        factors = rec.param_factors(chains.permute(2, 0, 1, 3), steps=slice(first, last + 1))
+        cells = _pairs(ordered[:alive], first, last, rows, lag_sums, g.device)
+        collected.add(factors, largest.amax(dim=1), rows if lag_sums else None, cells)
+        if not first:
             break
-        chains = moved.transpose(0, 1)
-    sums.flush()
+        # A chain exactly 0 at the window's first step stays 0 (0 · J = 0, and flushed subnormals are 0): the
+        # trailing ones (the longest lags, where gradients vanish) leave the sweep.
+        at_first = ordered[start:alive] - first if lag_sums else ordered[start:alive]
+        carried = torch.nonzero(largest[0].amax(dim=0)[_rows_of(rows, at_first, g.device)] != 0)  # NaN too
+        alive = start + (int(carried.max()) + 1 if len(carried) else 0)
+        if alive > start:
+            moved, last = moved[: alive - start], first - 1
+        else:  # none left: the next chains start at the latest loss step before the window
+            moved, last = None, losses[start - 1] if start else -1
     refuse_overflow(rec, finite)
-    return ChainSweep(lag_sums=sums.sums, pair_norms=norms, loss_steps=loss_steps)
+    if summed is not None:
+        refuse_overflow(rec, summed)
+    return ChainSweep(collected.lag_sums, collected.pair_norms, loss_steps, summed)
+
+
+def _rows_of(rows: np.ndarray, keys: np.ndarray, device: torch.device) -> Tensor:
+    """The positions of ``keys`` (lags, or loss steps) among a layout's ascending ``rows``."""
+    return torch.from_numpy(np.searchsorted(rows, keys)).to(device)
+
+
+def _formed_jacobians(rec: Recurrence, first: int, last: int, chains: int) -> Tensor | None:
+    """J for the steps first..last at once, (steps, B, S, S), where every step has at least S chains per sequence to
+    move (``chains`` at step ``last``, the fewest) and they fit in CHUNK_ELEMENTS; else None (the chains move by the
+    state VJP). Forming a Jacobian costs about as much as the VJPs of its S rows, so moving S chains or more through
+    it costs at most about twice the matrix-free way, whatever the cell, and one call for the window saves the
+    per-step work of forming it a step at a time. (A cell that forms its Jacobian from fewer covectors, the GRU with
+    reset "after" from FORM_FROM = 4, still does so inside its state VJP.)"""
+    batch, size = rec.states.shape[1:]
+    if chains < size or (last + 1 - first) * batch * size * size > CHUNK_ELEMENTS:
+        return None
+    return rec.jacobians(steps=slice(first, last + 1))
+
+
+def _window(
+    losses: list[int], alive: int, last: int, per_cell: int, budget: int, *, by_lag: bool
+) -> tuple[int, int, int]:
+    """The window of the sweep that ends at step ``last``, whose chains belong to the loss steps losses[:alive]:
+    (first step, lowest lag, highest lag) of the chains it holds.
+
+    It grows backwards from ``last`` while at least half of its layout's cells (rows × steps: a row per lag from the
+    lowest to the highest ``by_lag``, else per chain) hold a chain (sparse loss steps leave empty cells by lag) and
+    while it has fewer than WINDOW_STEPS steps or its chains fit in WINDOW_ELEMENTS (``per_cell`` elements per cell),
+    and never beyond ``budget`` elements of temporaries (PAIR_TEMPORARIES per element of the chains)."""
+    latest = losses[alive - 1]
+    first, low, filled = last, latest - last, 0
+    while first >= 0:
+        index = bisect_left(losses, first)
+        lowest = min(low, losses[index] - first)
+        cells = ((latest - first + 1 - lowest) if by_lag else alive - index) * (last - first + 1)
+        sparse = cells > 2 * (filled + alive - index)
+        large = last - first >= WINDOW_STEPS and cells * per_cell > WINDOW_ELEMENTS
+        if first < last and (sparse or large or cells * per_cell * PAIR_TEMPORARIES > budget):
+            break
+        low, filled, first = lowest, filled + alive - index, first - 1
+    return first + 1, low, latest - first - 1
+
+
+def _window_lags(ordered: np.ndarray, first: int, last: int) -> np.ndarray:
+    """The lags t − k of every chain of the steps k = first..last (loss steps t ≥ k), ascending, each once."""
+    starts = np.searchsorted(ordered, np.arange(first, last + 1))
+    return np.unique(np.concatenate([ordered[start:] - step for step, start in enumerate(starts, first)]))
+
+
+def _pairs(
+    ordered: np.ndarray, first: int, last: int, rows: np.ndarray, by_lag: bool, device: torch.device
+) -> tuple[Tensor, ...]:
+    """The pairs (t, k) of a window whose layout has the ascending ``rows`` (lags ``by_lag``, else loss steps) and the
+    loss steps ``ordered``: for each, its cell of the layout (the row of lag t − k, or of t; the column k − first), the
+    index of t among the loss steps and k; four (pairs,) long tensors."""
+    steps = np.arange(first, last + 1)
+    starts = np.searchsorted(ordered, steps)  # the first active chain of each step
+    counts = len(ordered) - starts
+    step_of = np.repeat(steps, counts)
+    chain = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts - starts, counts)
+    row = np.searchsorted(rows, ordered[chain] - step_of if by_lag else ordered[chain])
+    return tuple(torch.from_numpy(a).to(device) for a in (row, step_of - first, chain, step_of))
 
 
 Group = tuple[Tensor, list[tuple[str, Tensor | None]]]
@@ -480,79 +651,86 @@ def _grouped(factors: dict[str, Factor]) -> list[Group]:
     return list(groups.values())
 
 
-class LagSums:
-    """Σ_{t−k=τ} C(t, k) per block, shape (T, *shape), accumulated from the chains' factors step by step.
+class PairSums:
+    """Σ_{t−k=τ} C(t, k) (per lag, (T, *shape)) and ‖C(t, k)‖_F (per pair, (loss steps, T)) for every block, from the
+    factors of the sweep's windows: adjoints δ (lags, steps, B, rows) laid out by lag (stored step-major, as the chains
+    are), inputs u (steps, B, cols).
 
-    One step's contributions Σ_b δ_bᵀ ⊗ u_b contract over the batch only. Buffering C steps and laying their
-    adjoints out by lag, D[(j, b), τ] = δ_b of the chain whose lag is τ at buffered step j, turns the update into
-    one matrix product per group of blocks that contracts over C·B at once:
+    Lag sums: with D[(j, b), (τ, i)] = δ[τ, j, b, i] and U[(j, b)] = u_b at step j (a column of ones for a bias; the
+    blocks that share an adjoint side by side), sums[τ]ᵀ += Uᵀ D[:, τ] for every lag of the window at once: one matrix
+    product per group of blocks, contracting over the window's steps × sequences.
 
-        sums[τ]ᵀ += Uᵀ D[:, τ],      U[(j, b)] = u_b at step j (a column of ones for a bias),
-
-    with the blocks that share an adjoint side by side in U. Steps are buffered while D stays within ``budget``
-    elements and more than half full (sparse loss steps would leave most of D empty).
+    Pair norms: with the thin SVD u = P diag(σ) Vᵀ of a step's inputs (B × cols), a contribution δᵀ u = δᵀ P diag(σ)
+    Vᵀ has, V having orthonormal rows, the norm ‖diag(σ) Pᵀ δ‖_F (a bias: ‖1ᵀ δ‖): the rows σ_j p_jᵀ of every block
+    of a group are stacked and applied to all its adjoints at once. Exact to rounding even when the sequences'
+    contributions cancel (a Gram-matrix form would square them and lose half the digits). Each row's norm is summed
+    plainly where that is exact (:func:`_row_norms`), the blocks' sums of squares in float64.
     """
 
-    def __init__(self, steps: int, budget: int | None = None) -> None:
-        self.steps = steps
-        self.budget = CHUNK_ELEMENTS if budget is None else budget
-        self.group_sums: list[Tensor] = []  # per group of blocks: (Σ columns, T, rows)
-        self.members: list[list[tuple[str, Tensor | None]]] = []
-        self.pending: list[tuple[Tensor, int, int, list[Group]]] = []
-        self.low = self.high = 0
-        self.filled = 0  # lags held by the buffered steps
+    def __init__(self, steps: int, chains: int, *, lag_sums: bool, pair_norms: bool) -> None:
+        self.steps, self.chains = steps, chains
+        self.want_sums, self.want_norms = lag_sums, pair_norms
+        self.members: list[list[tuple[str, Tensor | None]]] = []  # each group's blocks (names, inputs)
+        self.group_sums: list[Tensor] = []  # per group: (Σ columns, T, rows)
+        self.norms: Tensor | None = None  # (blocks, chains, T) in the order of the groups' blocks
+        self.reads: Tensor | None = None  # (Σ projected rows, blocks): the rows each block sums, from the first window
 
-    def add(self, lags: Tensor, low: int, high: int, factors: dict[str, Factor]) -> None:
-        """Buffer one step: chains with lags ``lags`` (ascending, from ``low`` to ``high``) and their factors."""
-        groups = _grouped(factors)
-        if self.pending:
-            span = max(high, self.high) + 1 - min(low, self.low)
-            cells = (len(self.pending) + 1) * span
-            width = sum(adjoint[0].numel() for adjoint, _ in groups)
-            if cells * width > self.budget or cells >= 2 * (self.filled + len(lags)):
-                self.flush()
-        if not self.pending:
-            self.low, self.high = low, high
-        self.low, self.high = min(low, self.low), max(high, self.high)
-        self.pending.append((lags, low, high, groups))
-        self.filled += len(lags)
+    def add(
+        self, factors: dict[str, Factor], largest: Tensor, lags: np.ndarray | None, pairs: tuple[Tensor, ...]
+    ) -> None:
+        """Add one window: the factors of its chains A (rows, steps, B, S), the largest |a| in each cell of A (steps,
+        rows), the lags of A's rows (ascending; None where they are chains, for the norms alone) and its pairs
+        (:func:`_pairs`)."""
+        groups = [(_step_major(adjoint), members) for adjoint, members in _grouped(factors)]
+        if not self.members:
+            self.members = [members for _, members in groups]
+        if self.want_sums:
+            for index, (adjoint, members) in enumerate(groups):
+                self._add_sums(index, adjoint, members, lags)
+        if self.want_norms:
+            self._add_norms(groups, largest, pairs)
 
-    def flush(self) -> None:
-        """Contract the buffered steps into the sums."""
-        if not self.pending:
-            return
-        span = self.high + 1 - self.low
-        for index, (first_adjoint, members) in enumerate(self.pending[0][3]):
-            batch, rows = first_adjoint.shape[-2:]
-            inputs = []
-            for _, _, _, groups in self.pending:
-                adjoint, step_members = groups[index]
-                ones = adjoint.new_ones(batch, 1)
-                inputs.append(torch.cat([ones if u is None else u for _, u in step_members], dim=-1))
-            stacked = torch.cat(inputs)  # U: (C·B, Σ columns)
-            if len(self.group_sums) <= index:
-                self.group_sums.append(stacked.new_zeros(stacked.shape[-1], self.steps, rows))
-                self.members.append(members)
-            window = self.group_sums[index][:, self.low : self.high + 1].flatten(1)  # a view: (Σ columns, span·rows)
-            window.addmm_(stacked.T, self._by_lag(index, span))
-        self.pending.clear()
-        self.filled = 0
+    def _add_norms(self, groups: list[Group], largest: Tensor, pairs: tuple[Tensor, ...]) -> None:
+        """The pair norms of every block of one window; ``largest`` (steps, lags) is the largest |a| in each cell."""
+        _, exponents = torch.frexp(largest)  # largest = m · 2^e, ½ ≤ m < 1
+        limit = int(math.log2(torch.finfo(largest.dtype).max)) - 2  # 2^±limit is a normal number
+        exponents = torch.where(exponents.abs() <= SCALE_FREE, 0, exponents.clamp(-limit, limit))
+        scaled = torch.nonzero(exponents.any(0)).flatten().tolist()  # the lags with a cell to scale
+        window = Window(
+            scales=torch.ldexp(torch.ones_like(largest), -exponents),
+            lags=slice(scaled[0], scaled[-1] + 1) if scaled else slice(0),
+            empty=largest == 0,
+            cells=torch.stack(pairs[:2]),
+            bases={},
+        )
+        rows, owners = zip(*[_projected_norms(adjoint, members, window) for adjoint, members in groups])
+        norms = torch.cat(rows, dim=1).to(wide_dtype(largest.dtype)) / window.scales[pairs[1], pairs[0], None]
+        if self.norms is None:
+            self.reads = torch.block_diag(*owners).to(norms.device, norms.dtype)  # (Σ rows, blocks)
+            self.norms = largest.new_zeros(self.reads.shape[1], self.chains, self.steps)
+        blocks = (norms.square() @ self.reads).sqrt()  # exact for rows narrower than float64
+        if norms.dtype == largest.dtype and not bool(((blocks >= SAFE_RANGE[0]) & (blocks <= SAFE_RANGE[1])).all()):
+            blocks = torch.stack([frobenius(norms[:, column > 0], dims=1) for column in self.reads.T], dim=1)
+        self.norms[:, pairs[2], pairs[3]] = blocks.T.to(largest.dtype)
 
-    def _by_lag(self, index: int, span: int) -> Tensor:
-        """D for group ``index``: (C·B, span·rows), row (j, b) holding step j's adjoints placed by lag."""
-        if len(self.pending) == 1 and self.pending[0][0].numel() == span:  # one step, lags low..high: D = δ
-            adjoint = self.pending[0][3][index][0]
-            return adjoint.transpose(0, 1).reshape(adjoint.shape[1], -1)
-        first_adjoint = self.pending[0][3][index][0]
-        batch, rows = first_adjoint.shape[-2:]
-        by_lag = first_adjoint.new_empty(len(self.pending), batch, span, rows)
-        for position, (lags, low, high, groups) in enumerate(self.pending):
-            adjoint = groups[index][0]
-            _place(by_lag[position], adjoint.transpose(0, 1), lags - self.low, low - self.low, high - self.low)
-        return by_lag.view(len(self.pending) * batch, span * rows)
+    def _add_sums(
+        self, index: int, adjoint: Tensor, members: list[tuple[str, Tensor | None]], lags: np.ndarray
+    ) -> None:
+        """sums[τ]ᵀ += Uᵀ D[:, τ] for every lag τ of the window; ``adjoint`` is D, (steps, B, lags, rows)."""
+        steps, batch, count, rows = adjoint.shape
+        ones = adjoint.new_ones(steps, batch, 1)
+        inputs = torch.cat([ones if u is None else u for _, u in members], dim=-1).flatten(0, 1)  # U: (steps·B, Σ cols)
+        if len(self.group_sums) <= index:
+            self.group_sums.append(adjoint.new_zeros(inputs.shape[-1], self.steps, rows))
+        sums, layout = self.group_sums[index], adjoint.flatten(0, 1).flatten(1)  # D: (steps·B, lags·rows)
+        if lags[-1] + 1 - lags[0] == count:  # consecutive lags: the product adds into a view of the sums
+            sums[:, lags[0] : lags[0] + count].flatten(1).addmm_(inputs.T, layout)
+        else:
+            lag_index = torch.from_numpy(lags).to(sums.device)
+            sums.index_add_(1, lag_index, (inputs.T @ layout).view(-1, count, rows))
 
     @property
-    def sums(self) -> dict[str, Tensor]:
+    def lag_sums(self) -> dict[str, Tensor]:
         """The sums by block name: (T, rows, columns), or (T, rows) for a bias (views of the group sums)."""
         sums = {}
         for group_sums, members in zip(self.group_sums, self.members):
@@ -561,51 +739,87 @@ class LagSums:
                 sums[name] = part[0] if u is None else part.permute(1, 2, 0)
         return sums
 
-
-def _place(target: Tensor, values: Tensor, positions: Tensor, first: int, last: int) -> None:
-    """target[:, positions] = values and zero elsewhere along dim 1, for ascending positions from ``first`` to
-    ``last``; when they are a contiguous run this is a slice copy with only the margins zeroed."""
-    start, end = first, last + 1
-    if end - start == values.shape[1]:
-        target[:, :start] = 0
-        target[:, start:end] = values
-        target[:, end:] = 0
-    else:
-        target.zero_()
-        target.index_copy_(1, positions, values)
+    @property
+    def pair_norms(self) -> dict[str, Tensor]:
+        """‖C(t, k)‖_F by block name: (loss steps, T) each."""
+        if self.norms is None:
+            return {}
+        names = [name for members in self.members for name, _ in members]
+        return dict(zip(names, self.norms))
 
 
-def chain_norms(factors: dict[str, Factor]) -> dict[str, Tensor]:
-    """Per chain, ‖Σ_b δ_bᵀ ⊗ u_b‖_F (a bias: ‖Σ_b δ_b‖): (chains,) per block.
+def _step_major(adjoint: Tensor) -> Tensor:
+    """δ (lags, steps, B, rows) as (steps, B, lags, rows): a view where the parameter VJP kept the step-major storage
+    of the chains it was given, else a copy."""
+    return adjoint.permute(1, 2, 0, 3).contiguous()
 
-    With the thin SVD u = P diag(σ) Vᵀ of the step's inputs (B × cols, one per distinct input), the contribution
-    is δᵀ P diag(σ) Vᵀ and, V having orthonormal rows, its norm is ‖diag(σ) Pᵀ δ‖_F (a bias: ‖1ᵀ δ‖): B·min(B, cols)
-    work per row of δ instead of B·cols, and exact to rounding even when the sequences' contributions cancel (a
-    Gram-matrix form would square them and lose half the digits). The blocks sharing an adjoint stack their rows
-    σ_j p_jᵀ (or 1ᵀ) into one product; the squares are summed in float64, and a float64 norm outside the range
-    where that is exact is recomputed with :func:`frobenius`.
-    """
-    norms = {}
-    bases: dict[int, Tensor] = {}  # id(inputs) ↦ (min(B, cols), B) rows σ_j p_jᵀ
-    for adjoint, members in _grouped(factors):
-        rows = []
-        for _, inputs in members:
-            if inputs is None:
-                rows.append(adjoint.new_ones(1, adjoint.shape[-2]))
-                continue
-            if id(inputs) not in bases:
+
+class Window(NamedTuple):
+    """What the pair norms of one window share across its groups of blocks."""
+
+    scales: Tensor  # (steps, lags): a power of two per cell that brings its largest |a| near 1 (1 where it is near)
+    lags: slice  # the lags with a cell whose scale is not 1
+    empty: Tensor  # (steps, lags): the cells whose chains are exactly 0
+    cells: Tensor  # (2, pairs): the cells (lag row, step column) of the pairs
+    bases: dict[int, Tensor]  # id(inputs) ↦ the rows σ_j p_jᵀ of the inputs' thin SVD, (steps, min(B, cols), B)
+
+
+def _projected_norms(
+    adjoint: Tensor, members: list[tuple[str, Tensor | None]], window: Window
+) -> tuple[Tensor, Tensor]:
+    """The norms ‖scale · σ_j p_jᵀ δ‖ of the projections of one adjoint δ, stored (steps, B, lags, rows), at the
+    window's pairs, (pairs, Σ rows), and which of those rows each member block reads, (Σ rows, members): each step's
+    adjoints are projected by the rows σ_j p_jᵀ of its inputs (the biases share a row of ones) in one product, and
+    each cell scaled by its power of two so that the plain sums of squares stay in range (:func:`_row_norms`)."""
+    steps, batch, lags, width = adjoint.shape
+    keys, parts, owner = [], [], []  # the distinct row blocks, and the one each member reads
+    for _, inputs in members:
+        key = id(inputs)
+        if key not in keys:
+            if inputs is not None and key not in window.bases:
                 left, singular, _ = torch.linalg.svd(inputs, full_matrices=False)
-                bases[id(inputs)] = singular.unsqueeze(-1) * left.mT
-            rows.append(bases[id(inputs)])
-        projected = torch.cat(rows, dim=-2) @ adjoint  # (chains, Σ rows, adjoint rows)
-        squares = torch.linalg.vector_norm(projected, dim=-1, dtype=torch.float64).square()  # (chains, Σ rows)
-        sizes = [r.shape[-2] for r in rows]
-        for (name, _), part, block in zip(members, squares.split(sizes, dim=-1), projected.split(sizes, dim=-2)):
-            norm = part.sum(-1).sqrt()
-            if adjoint.dtype == torch.float64 and bool(((norm < SAFE_RANGE[0]) | (norm > SAFE_RANGE[1])).any()):
-                norm = frobenius(block, dims=2)
-            norms[name] = norm.to(adjoint.dtype)
+                window.bases[key] = singular.unsqueeze(-1) * left.mT
+            keys.append(key)
+            parts.append(adjoint.new_ones(steps, 1, batch) if inputs is None else window.bases[key])
+        owner.append(keys.index(key))
+    rows = torch.cat(parts, dim=1)  # (steps, Σ rows, B)
+    projected = torch.bmm(rows, adjoint.view(steps, batch, lags * width)).view(steps, -1, lags, width)
+    projected[:, :, window.lags].mul_(window.scales[:, None, window.lags, None])
+    lag, step = window.cells
+    norms = _row_norms(projected, step, lag, lambda: (rows == 0).all(-1)[step] | window.empty[step, lag, None])
+    part_of_row = torch.repeat_interleave(torch.tensor([part.shape[1] for part in parts]))
+    return norms, part_of_row.unsqueeze(1) == torch.tensor(owner)
+
+
+def _row_norms(values: Tensor, step: Tensor, lag: Tensor, zero: Callable[[], Tensor]) -> Tensor:
+    """‖values[j, i, τ, :]‖₂ at the cells (step j, lag τ) of the pairs: (pairs, rows i); summed plainly in the
+    dtype, and again with each row scaled by its largest entry first where a norm lies outside the range in which the
+    plain sum is exact to rounding (:func:`_plain_range`), unless it is 0 where ``zero()`` (pairs, rows) says that
+    it is exactly 0 (a zero row of the projection, or a cell without chains)."""
+    plain = _plain_range(values.dtype, values.shape[-1])
+    if plain is None:
+        return torch.linalg.vector_norm(values, dim=-1, dtype=wide_dtype(values.dtype))[step, :, lag]
+    norms = torch.linalg.vector_norm(values, dim=-1)[step, :, lag]
+    bad = ~((norms >= plain[0]) & (norms <= plain[1]))  # NaN is bad too
+    if bool(bad.any()):
+        bad = (bad & ~((norms == 0) & zero())).any(-1)
+        if bool(bad.any()):
+            part = values[step[bad], :, lag[bad]]  # (bad pairs, rows, entries)
+            largest = part.abs().amax(-1)
+            scaled = part / torch.where(largest > 0, largest, 1.0).unsqueeze(-1)
+            norms[bad] = torch.linalg.vector_norm(scaled, dim=-1) * largest
     return norms
+
+
+def _plain_range(dtype: torch.dtype, entries: int) -> tuple[float, float] | None:
+    """The norms of ``entries`` values that a plain sum of squares in ``dtype`` gives exactly to rounding: above
+    √(n · tiny / eps) the squares flushed below the smallest normal number (at most n · tiny) change the sum by less
+    than eps, and below √max / 2 no partial sum overflows. None for a dtype narrower than float32 (summed in
+    float64)."""
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    info = torch.finfo(dtype)
+    return math.sqrt(entries * info.tiny / info.eps), math.sqrt(info.max) / 2
 
 
 def path_shares(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:

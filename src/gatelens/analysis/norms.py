@@ -16,6 +16,8 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
+from gatelens.analysis.worker_fenv import follow_caller
+
 NARROW = (torch.float16, torch.bfloat16, torch.float32)
 SAFE_RANGE = (1e-140, 1e140)  # float64 norms inside it lost nothing to squaring
 ROWS_AT_ONCE = 1024  # leading entries rescaled together (bounds the temporary copy of a large tensor)
@@ -37,14 +39,19 @@ def subnormals_flushed() -> Iterator[None]:
     in float64) on its way to zero, where a CPU computes up to 100 times slower: one backward sweep over T = 1000
     steps took minutes instead of seconds. Flushed, a quantity whose exact value lies in that band reads 0; every
     larger one is unchanged. The trace's dtype cannot hold such a value to more than a few digits anyway, and a
-    sweep that must tell "tiny" from "zero" carries a log scale (blocking's underflow check).
+    sweep that must tell "tiny" from "zero" carries a log scale (blocking's underflow check). torch's intra-op threads
+    take the setting too (:func:`~gatelens.analysis.worker_fenv.follow_caller`): the call sets only the calling
+    thread's, and with two threads half of every parallel kernel would otherwise still compute with subnormals.
     """
     turned_on = not _flushing() and torch.set_flush_denormal(True)
+    if turned_on:
+        follow_caller()
     try:
         yield
     finally:
         if turned_on:
             torch.set_flush_denormal(False)
+            follow_caller()
 
 
 def flushes_subnormals(function: Callable[Params, Result]) -> Callable[Params, Result]:
