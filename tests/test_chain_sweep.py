@@ -129,13 +129,15 @@ def test_windows_cover_every_step_once_at_least_half_full_within_budget(
     assert steps == list(range(losses[-1], -1, -1))
 
 
-def test_chains_that_vanish_to_zero_are_dropped_and_read_zero() -> None:
-    """A contracting float32 GRU: chains flushed to exactly 0 leave the sweep. Its results equal float64's (where
-    chains stay far above 0) wherever those are normal float32 numbers, and are 0 where those are below them."""
+@pytest.mark.parametrize("losses", [[40, 41, 42, 150, 299], [40, 42, 43, 44, 45, 299]], ids=["runs", "gaps"])
+def test_chains_that_vanish_to_zero_are_dropped_and_read_zero(losses: list[int]) -> None:
+    """A contracting float32 GRU: chains flushed to exactly 0 leave the sweep (with ``gaps``, every chain has left
+    when the next loss steps, not consecutive, start a window). Its results equal float64's (where chains stay far
+    above 0) wherever those are normal float32 numbers, and are 0 where those are below them."""
     cell = gl.GRU({name: weight * 0.3 for name, weight in gl.GRU.random(I, 6, seed=1, dtype=F64).weights.items()})
     x = _randn(300, B, I, seed=4)
     out_grads = torch.zeros(300, B, 6, dtype=F64)
-    out_grads[[40, 41, 42, 150, 299]] = _randn(5, B, 6, seed=5)
+    out_grads[losses] = _randn(len(losses), B, 6, seed=5)
     sweeps: dict[torch.dtype, credit_module.ChainSweep] = {}
     for dtype in (torch.float32, F64):
         trace = gl.Model(cell.to(dtype)).trace(x.to(dtype))

@@ -6,7 +6,8 @@
 * blocking against a brute force that forms every J: the collapsed rows, the events' ‖J‖_F and their order, with tol
   set among the rows so that the bounds leave many rows open (hypothesis over models, padding and tol);
 * ``Recurrence.backward`` equals ``param_factors`` and ``state_vjp`` taken apart, over padding, with few and many
-  covectors (a GRU forms its step's blocks for many);
+  covectors (a GRU forms its step's J for many, an LSTM its cell-gate rows); a stack's ``product_vjp`` equals the
+  formed product (hypothesis over layer kinds, sizes and lags);
 * ``subnormals_flushed``: inside, subnormal results read 0; outside, the caller's setting is back; a float32 credit
   map whose chains pass through the subnormal range equals the unflushed one above the smallest normal number.
 """
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 import gatelens as gl
 from gatelens.analysis.norms import subnormals_flushed
 from gatelens.cells.base import FORM_FROM
+from gatelens.cells.lstm import FORM_CELL_ROWS_FROM
 from tests.cell_configs import CELL_CASES, F64, CellCase, relative_error, scaled
 
 norms_module = importlib.import_module("gatelens.analysis.norms")
@@ -176,19 +178,59 @@ def test_backward_equals_its_two_parts(name: str, covectors: int) -> None:
             assert relative_error(factor.contract(), apart[block].contract()) <= 1e-12
 
 
-@pytest.mark.parametrize("reset", ["after", "before"])
-def test_a_gru_gives_the_same_products_for_many_covectors(reset: str) -> None:
-    """With many covectors per sequence a GRU (reset "after") multiplies them by its formed blocks; the result is the
-    matrix-free product's."""
-    cell = scaled(gl.GRU.random(3, 6, reset=reset, dtype=F64, seed=5), 2.0)
+MANY_COVECTORS = {  # cells with a formed path for many covectors, and how many covectors reach it
+    "gru-after": (lambda: gl.GRU.random(3, 6, dtype=F64, seed=5), FORM_FROM),
+    "gru-before": (lambda: gl.GRU.random(3, 6, reset="before", dtype=F64, seed=5), FORM_FROM),
+    "lstm": (lambda: gl.LSTM.random(3, 5, dtype=F64, seed=5), FORM_CELL_ROWS_FROM),
+    "lstm-proj": (lambda: gl.LSTM.random(3, 5, projection=2, dtype=F64, seed=5), FORM_CELL_ROWS_FROM),
+}
+
+
+@pytest.mark.parametrize("name", list(MANY_COVECTORS))
+def test_a_cell_gives_the_same_products_for_many_covectors(name: str) -> None:
+    """With many covectors per sequence a GRU (reset "after") multiplies them by its formed J, an LSTM by its formed
+    cell-gate rows; the result is the matrix-free product's, and the formed Jacobian's."""
+    build, many = MANY_COVECTORS[name]
+    cell = scaled(build(), 2.0)
     cache = _cache(cell, seed=6)
-    v = torch.randn(FORM_FROM + 3, 2, BATCH, 6, dtype=F64)
+    v = torch.randn(many + 3, 2, BATCH, cell.state_size, dtype=F64)
     state = torch.stack([cell.state_vjp(cache, row) for row in v])
     inputs = torch.stack([cell.input_vjp(cache, row) for row in v])
     assert relative_error(cell.state_vjp(cache, v), state) <= 1e-12
     assert relative_error(cell.input_vjp(cache, v), inputs) <= 1e-12
     formed = torch.einsum("cabs,abso->cabo", v, cell.jacobian(cache))
     assert relative_error(formed, state) <= 1e-12
+    formed_inputs = torch.einsum("cabs,abso->cabo", v, cell.input_jacobian(cache))
+    assert relative_error(formed_inputs, inputs) <= 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["gru", "lstm", "elman"]), min_size=1, max_size=3),
+    sizes=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    lags=st.integers(1, 3),
+    seed=st.integers(0, 100),
+)
+def test_product_vjp_of_a_stack_equals_the_formed_product(
+    kinds: list[str], sizes: list[int], lags: int, seed: int
+) -> None:
+    """P · J for P a product of a stack's Jacobians: its rows of a lower layer skip the layers above (zero there),
+    and the result equals P @ J formed, on padded steps too (J = I)."""
+    build = {"gru": gl.GRU.random, "lstm": gl.LSTM.random, "elman": gl.Elman.random}
+    inputs = [3, *sizes]
+    layers = [
+        build[kind](inputs[index], sizes[index], dtype=F64, seed=seed + index) for index, kind in enumerate(kinds)
+    ]
+    trace = gl.Model(layers).trace(torch.randn(5, 3, 3, dtype=F64), lengths=[5, 2, 4])
+    rec = trace.recurrence()
+    jacobians = rec.jacobians()
+    product = torch.eye(rec.cell.state_size, dtype=F64).expand(3, -1, -1)
+    for step in range(4, 4 - lags, -1):
+        product = product @ jacobians[step]
+    step = 4 - lags
+    rows = product.transpose(0, 1)  # (S rows, B, S)
+    got = rec.product_vjp(rows, steps=step).transpose(0, 1)
+    assert relative_error(got, product @ jacobians[step]) <= 1e-12
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,10 @@ class Recurrence:
         """v · J for the chosen steps; v has shape (..., [T,] B, S) with any extra leading dimensions."""
         return self._state_product(self.cell.state_vjp, v, steps)
 
+    def product_vjp(self, rows: Tensor, steps: Steps = None) -> Tensor:
+        """P · J for the rows (S, [T,] B, S) of a product P of the recurrence's Jacobians (:meth:`Cell.product_vjp`)."""
+        return self._state_product(self.cell.product_vjp, rows, steps)
+
     def state_jvp(self, v: Tensor, steps: Steps = None) -> Tensor:
         """J · v for the chosen steps, without forming J; v has shape (..., [T,] B, S) with any extra leading
         dimensions."""

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from gatelens._validation import FLOAT64_ADVICE, as_float_tensor, check_finite, check_shape, first_non_finite
-from gatelens.analysis.norms import SAFE_RANGE, flushes_subnormals, frobenius
+from gatelens.analysis.norms import SAFE_RANGE, flushes_subnormals, frobenius, plain_range
 from gatelens.cells.base import Factor, check_choice, wide_dtype
 from gatelens.trace import DIRECTIONS, Recurrence, Trace
 
@@ -456,13 +456,16 @@ def step_chunks(rec: Recurrence, per_step: int = 0) -> list[slice]:
 
 
 def _source_norms(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:
-    """‖Σ_b δ_bᵀ ⊗ u_b‖_F at every source step k, (T,) per block: the norms of by_source, a chunk at a time."""
-    parts: dict[str, list[Tensor]] = {}
-    every_block = sum(weight.numel() for weight in rec.cell.weights.values())  # param_vjp forms them all at once
-    for window in step_chunks(rec, every_block):
-        for name, grad in rec.param_vjp(adjoints[window], steps=window).items():
-            parts.setdefault(name, []).append(frobenius(grad.flatten(1), dims=1))
-    return {name: torch.cat(values) for name, values in parts.items()}
+    """‖Σ_b δ_bᵀ ⊗ u_b‖_F at every source step k, (T,) per block: the norms of by_source, as the pair norms of the
+    one chain ā (:class:`PairSums`, by the inputs' SVD, without forming the (T, *shape) parts), a chunk at a time."""
+    collected = PairSums(rec.steps, 1, lag_sums=False, pair_norms=True)
+    for window in step_chunks(rec):
+        chain = adjoints[window].unsqueeze(2)  # (steps, B, 1 chain, S)
+        steps = torch.arange(window.start, window.stop, device=adjoints.device)
+        zero = torch.zeros_like(steps)
+        factors = rec.param_factors(chain.permute(2, 0, 1, 3), steps=window)
+        collected.add(factors, chain.abs().amax(dim=-1).amax(dim=1), None, (zero, steps - window.start, zero, steps))
+    return {name: norms[0] for name, norms in collected.pair_norms.items()}
 
 
 def _loss_steps(g: Tensor) -> Tensor:
@@ -547,7 +550,8 @@ def chain_sweep(
                 if moved is not None:
                     active[len(active) - len(moved) :] = moved
             else:
-                active = moved if losses[index] != step else torch.cat([g[step].unsqueeze(0), moved])
+                arriving = [g[step].unsqueeze(0)] if losses[index] == step else []
+                active = torch.cat(arriving + ([] if moved is None else [moved]))  # moved is None after a gap
                 column.index_copy_(0, _rows_of(rows, ordered[index:alive] - step, g.device), active)
             if step and jacobians is None:
                 moved = rec.state_vjp(active, steps=step)
@@ -588,7 +592,7 @@ def _formed_jacobians(rec: Recurrence, first: int, last: int, chains: int) -> Te
     state VJP). Forming a Jacobian costs about as much as the VJPs of its S rows, so moving S chains or more through
     it costs at most about twice the matrix-free way, whatever the cell, and one call for the window saves the
     per-step work of forming it a step at a time. (A cell that forms its Jacobian from fewer covectors, the GRU with
-    reset "after" from FORM_FROM = 4, still does so inside its state VJP.)"""
+    reset "after" from FORM_FROM covectors on, still does so inside its state VJP.)"""
     batch, size = rec.states.shape[1:]
     if chains < size or (last + 1 - first) * batch * size * size > CHUNK_ELEMENTS:
         return None
@@ -794,9 +798,9 @@ def _projected_norms(
 def _row_norms(values: Tensor, step: Tensor, lag: Tensor, zero: Callable[[], Tensor]) -> Tensor:
     """‖values[j, i, τ, :]‖₂ at the cells (step j, lag τ) of the pairs: (pairs, rows i); summed plainly in the
     dtype, and again with each row scaled by its largest entry first where a norm lies outside the range in which the
-    plain sum is exact to rounding (:func:`_plain_range`), unless it is 0 where ``zero()`` (pairs, rows) says that
+    plain sum is exact to rounding (:func:`plain_range`), unless it is 0 where ``zero()`` (pairs, rows) says that
     it is exactly 0 (a zero row of the projection, or a cell without chains)."""
-    plain = _plain_range(values.dtype, values.shape[-1])
+    plain = plain_range(values.dtype, values.shape[-1])
     if plain is None:
         return torch.linalg.vector_norm(values, dim=-1, dtype=wide_dtype(values.dtype))[step, :, lag]
     norms = torch.linalg.vector_norm(values, dim=-1)[step, :, lag]
@@ -809,17 +813,6 @@ def _row_norms(values: Tensor, step: Tensor, lag: Tensor, zero: Callable[[], Ten
             scaled = part / torch.where(largest > 0, largest, 1.0).unsqueeze(-1)
             norms[bad] = torch.linalg.vector_norm(scaled, dim=-1) * largest
     return norms
-
-
-def _plain_range(dtype: torch.dtype, entries: int) -> tuple[float, float] | None:
-    """The norms of ``entries`` values that a plain sum of squares in ``dtype`` gives exactly to rounding: above
-    √(n · tiny / eps) the squares flushed below the smallest normal number (at most n · tiny) change the sum by less
-    than eps, and below √max / 2 no partial sum overflows. None for a dtype narrower than float32 (summed in
-    float64)."""
-    if dtype not in (torch.float32, torch.float64):
-        return None
-    info = torch.finfo(dtype)
-    return math.sqrt(entries * info.tiny / info.eps), math.sqrt(info.max) / 2
 
 
 def path_shares(rec: Recurrence, adjoints: Tensor) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ float64 norms outside 1e-140..1e140 (rare) are redone with the largest entry fac
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
@@ -18,8 +19,8 @@ from torch import Tensor
 
 from gatelens.analysis.worker_fenv import follow_caller
 
-NARROW = (torch.float16, torch.bfloat16, torch.float32)
 SAFE_RANGE = (1e-140, 1e140)  # float64 norms inside it lost nothing to squaring
+ROW_ENTRIES = 4096  # rows at most this long are summed in their dtype first (torch keeps them exact to rounding)
 ROWS_AT_ONCE = 1024  # leading entries rescaled together (bounds the temporary copy of a large tensor)
 SPECTRAL_RTOL = 1e-6  # the subspace iteration stops once its estimated remaining error is below this, relative
 SPECTRAL_BLOCK = 8  # vectors of the subspace iteration
@@ -72,14 +73,41 @@ def _flushing() -> bool:
 
 
 def frobenius(values: Tensor, dims: int) -> Tensor:
-    """‖values‖₂ over the last ``dims`` dimensions, exact to rounding for every norm the dtype can hold."""
+    """‖values‖₂ over the last ``dims`` (≥ 1) dimensions, exact to rounding for every norm the dtype can hold.
+
+    float32 and float64 are summed in two stages: each row of the last dimension (at most ROW_ENTRIES long) in the
+    dtype, plainly where its norm lies in :func:`plain_range` and rescaled by its largest entry where it does not
+    (those rows alone), then the rows' norms in float64 (float32) or in float64 again, rescaled outside SAFE_RANGE.
+    Longer rows, float16 and bfloat16 are summed in float64 at once.
+    """
     axes = tuple(range(values.dim() - dims, values.dim()))
-    if values.dtype in NARROW:
-        return torch.linalg.vector_norm(values, dim=axes, dtype=torch.float64).to(values.dtype)
-    norm = torch.linalg.vector_norm(values, dim=axes)
-    if bool(((norm < SAFE_RANGE[0]) | (norm > SAFE_RANGE[1])).any()):
+    width = values.shape[-1]
+    plain = plain_range(values.dtype, width)
+    if plain is None or width > ROW_ENTRIES:
+        wide = torch.linalg.vector_norm(values, dim=axes, dtype=torch.float64)
+        if values.dtype != torch.float64 or bool(((wide >= SAFE_RANGE[0]) & (wide <= SAFE_RANGE[1])).all()):
+            return wide.to(values.dtype)
         return _rescaled(values, dims)
-    return norm
+    rows = torch.linalg.vector_norm(values, dim=-1)
+    outside = ~((rows >= plain[0]) & (rows <= plain[1]))  # NaN too
+    if bool(outside.any()):
+        rows[outside] = _rescaled(values[outside], 1)
+    if dims == 1:
+        return rows
+    if values.dtype == torch.float32:
+        return torch.linalg.vector_norm(rows, dim=axes[:-1], dtype=torch.float64).to(values.dtype)
+    return frobenius(rows, dims - 1)
+
+
+def plain_range(dtype: torch.dtype, entries: int) -> tuple[float, float] | None:
+    """The norms of ``entries`` values that a plain sum of squares in ``dtype`` gives exactly to rounding: above
+    √(n · tiny / eps) the squares flushed below the smallest normal number (at most n · tiny) change the sum by less
+    than eps, and below √max / 2 no partial sum overflows. None for a dtype narrower than float32 (summed in
+    float64)."""
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    info = torch.finfo(dtype)
+    return math.sqrt(max(entries, 1) * info.tiny / info.eps), math.sqrt(info.max) / 2
 
 
 def _rescaled(values: Tensor, dims: int) -> Tensor:

@@ -11,8 +11,11 @@ as P = exp(s) · M with ‖M‖_F = 1:
 Every analysis that forms products over lags (propagation, input influence) walks them with :class:`LagProducts`,
 so none of them multiplies raw products: a chaotic network whose ‖∂h_t/∂h_{t−ℓ}‖ reaches e^{160} (beyond float32)
 or a contracting one at e^{−160} is carried exactly to the dtype's relative precision. An exactly zero product
-has s = −inf (and M = 0). All anchors share the sweep: at step i every anchor a ≥ i takes one more Jacobian in a
-single batched product, and the Jacobians are formed ``CHUNK_ELEMENTS`` at a time, never all T at once.
+has s = −inf (and M = 0). All anchors share the sweep: at step i the rows of every anchor a ≥ i take one more
+Jacobian together, as covectors of the step's VJP (:meth:`Recurrence.product_vjp`): M J_i is never formed from
+J_i, whose cell forms only the blocks that many covectors make worth forming (a GRU's J, an LSTM's cell-gate rows)
+and exploits the rest of its structure (an LSTM's diagonal cell-state columns, a stack's layer order). Input
+Jacobians, where asked for, are formed ``CHUNK_ELEMENTS`` at a time, never all T at once.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ CHUNK_ELEMENTS = 1 << 24  # elements of Jacobians fetched at once (64 MiB in flo
 
 @dataclass(frozen=True)
 class SweepStep:
-    """One step i of the sweep: the anchors reached (``first`` onwards) with their lags a − i and the Jacobians."""
+    """One step i of the sweep: the anchors reached (``first`` onwards) with their lags a − i, and the input
+    Jacobian where asked for."""
 
     index: int  # i, 0-based
     first: int  # the anchors reached so far are anchors[first:]
     lags: Tensor  # (A − first,) a − i for each anchor reached
-    jacobian: Tensor  # (B, S, S) J_i
     input_jacobian: Tensor | None  # (B, S, I) ∂h_{i+1}/∂x_{i+1}, when asked for
 
 
@@ -57,8 +60,7 @@ class LagProducts:
         self.rec, self.anchors, self.lowest, self.input_jacobians = rec, anchors, lowest, input_jacobians
         self.matrix = torch.eye(size, dtype=dtype, device=device).repeat(len(anchors), batch, 1, 1) / math.sqrt(size)
         self.log_scale = torch.full((len(anchors), batch), 0.5 * math.log(size), dtype=dtype, device=device)
-        widest = max(size, rec.cell.input_size) if input_jacobians else size
-        self.chunk = max(1, CHUNK_ELEMENTS // (batch * size * widest))
+        self.chunk = max(1, CHUNK_ELEMENTS // (batch * size * rec.cell.input_size)) if input_jacobians else rec.steps
         self.basis = starting_basis(size, dtype, device).repeat(len(anchors), batch, 1, 1)
 
     def __iter__(self) -> Iterator[SweepStep]:
@@ -66,7 +68,6 @@ class LagProducts:
         first = len(anchors)
         for stop in range(int(anchors[-1]) + 1, self.lowest, -self.chunk):
             start = max(self.lowest, stop - self.chunk)
-            jacobians = self.rec.jacobians(steps=slice(start, stop))
             inputs = self.rec.input_jacobians(steps=slice(start, stop)) if self.input_jacobians else None
             for step in reversed(range(start, stop)):
                 while first and int(anchors[first - 1]) >= step:
@@ -75,13 +76,15 @@ class LagProducts:
                     index=step,
                     first=first,
                     lags=anchors_on[first:] - step,
-                    jacobian=jacobians[step - start],
                     input_jacobian=None if inputs is None else inputs[step - start],
                 )
 
     def advance(self, step: SweepStep) -> None:
-        """P_a(i − 1) = P_a(i) J_i for the anchors reached, renormalised (module docstring)."""
-        product = self.matrix[step.first :] @ step.jacobian
+        """P_a(i − 1) = P_a(i) J_i for the anchors reached, renormalised (module docstring): the rows of every P_a(i)
+        as covectors (rows, B, S) of the VJP of step i."""
+        reached, batch, size = self.matrix[step.first :].shape[:3]
+        rows = self.matrix[step.first :].transpose(1, 2).reshape(reached * size, batch, size)
+        product = self.rec.product_vjp(rows, steps=step.index).view(reached, size, batch, size).transpose(1, 2)
         norm = frobenius(product, dims=2)
         safe = torch.where(norm > 0, norm, 1.0)
         self.matrix[step.first :] = product / safe[..., None, None]

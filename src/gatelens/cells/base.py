@@ -68,7 +68,7 @@ from gatelens.activations import CANDIDATE_ACTIVATIONS, GATE_ACTIVATIONS, Activa
 CellT = TypeVar("CellT", bound="Cell")
 Clamp = Mapping[str, tuple[Tensor, Tensor]]  # gate name ↦ (value, where), both broadcastable to (B, units)
 CLOSED_FORM_VECTORS = 32  # vectors of S per step and sequence that a built-in cell's sums form at most (in float32)
-FORM_FROM = 4  # covectors per sequence from which a cell whose matrix-free VJP costs more forms the step's matrix
+FORM_FROM = 16  # covectors per sequence from which a GRU forms its step's J (both ways cost alike there at H = 64-512)
 
 
 class MemoryGates(NamedTuple):
@@ -187,6 +187,12 @@ class Cell(ABC):
     @abstractmethod
     def input_vjp(self, cache: Any, v: Tensor) -> Tensor:
         """v · ∂s'/∂x for v of shape (..., S)."""
+
+    def product_vjp(self, cache: Any, rows: Tensor) -> Tensor:
+        """P · J for the rows (S, ..., B, S) of a product P of the cell's Jacobians, in state order; a cell whose J has
+        zero blocks that every such product shares skips their work (a stack: block lower-triangular). This default is
+        :meth:`state_vjp`."""
+        return self.state_vjp(cache, rows)
 
     def state_jvp(self, cache: Any, v: Tensor) -> Tensor:
         """J · v = ∂s'/∂s · v for v of shape (..., S), with extra leading dims as for :meth:`state_vjp`.
@@ -379,11 +385,12 @@ def outer_sum(adjoint: Tensor, inputs: Tensor) -> Tensor:
     return adjoint.mT @ inputs
 
 
-def forms_for(cache: Any, v: Tensor) -> bool:
-    """Whether covectors v (C, ..., B, S) number at least FORM_FROM per sequence of the step(s) of ``cache``: then a
-    matrix formed once per sequence (S × O) and applied by :func:`covector_product` costs S · O per covector, less
-    than a matrix-free VJP that multiplies every covector by several weight matrices."""
-    return v.dim() == len(leading_shape(cache)) + 2 and v.shape[0] >= FORM_FROM
+def forms_for(cache: Any, v: Tensor, at_least: int = FORM_FROM) -> bool:
+    """Whether covectors v (C, ..., B, S) number ``at_least`` per sequence of the step(s) of ``cache``: then a matrix
+    formed once per sequence (S × O) and applied by :func:`covector_product` costs S · O per covector, less than a
+    matrix-free VJP that multiplies every covector by several weight matrices, and the many covectors repay the
+    forming (elementwise, O(S · O) per sequence)."""
+    return v.dim() == len(leading_shape(cache)) + 2 and v.shape[0] >= at_least
 
 
 def covector_product(v: Tensor, matrix: Tensor) -> Tensor:

@@ -52,9 +52,11 @@ from gatelens.cells.base import (
     NormBounds,
     affine,
     closed_form_elements,
+    covector_product,
     covector_rows,
     covector_weights,
     diag_times,
+    forms_for,
     gate_values,
     row_norm_bounds,
     row_norms,
@@ -68,6 +70,8 @@ from gatelens.cells.base import (
 )
 
 GATES = ("i", "f", "g", "o")
+CELL_GATES = ("f", "i", "g")  # the gates that feed the cell state c' (the output gate feeds h' alone)
+FORM_CELL_ROWS_FROM = 128  # covectors per sequence from which M = Σ diag(s_p) W_p pays (both ways alike at H = 256)
 PATH_GATES = {"forget": "f", "input": "i", "candidate": "g", "output": "o"}  # the gate each non-carry path crosses
 
 
@@ -241,21 +245,37 @@ class LSTM(Cell):
         return self._cell_scales(cache) | {"o": cache.tc * cache.do}
 
     def _adjoints(self, cache: LSTMCache, v: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Adjoints of v = [v_h, v_c] at the four pre-activations, and the total adjoint at c',
-        v_c' = v_c + v_m ⊙ o ⊙ φ'(c') with v_m = v_h Π."""
-        v_h, v_c = v[..., : self.output_size], v[..., self.output_size :]
-        v_m = v_h @ self.weights["W_proj"] if "W_proj" in self.weights else v_h
-        v_new_c = v_c + v_m * cache.o * cache.dtc
+        """Adjoints of v = [v_h, v_c] at the four pre-activations, and the total adjoint at c'
+        (:meth:`_covector_parts`)."""
+        v_m, v_new_c = self._covector_parts(cache, v)
         gates = {gate: (v_m if gate == "o" else v_new_c) * gain for gate, gain in self._gate_gains(cache).items()}
         return gates, v_new_c
 
+    def _covector_parts(self, cache: LSTMCache, v: Tensor) -> tuple[Tensor, Tensor]:
+        """v_m = v_h Π and the total adjoint at c', v_c' = v_c + v_m ⊙ o ⊙ φ'(c'), for v = [v_h, v_c]."""
+        v_h, v_c = v[..., : self.output_size], v[..., self.output_size :]
+        v_m = v_h @ self.weights["W_proj"] if "W_proj" in self.weights else v_h
+        return v_m, v_c + v_m * cache.o * cache.dtc
+
     def state_vjp(self, cache: LSTMCache, v: Tensor) -> Tensor:
-        through_gates, carried = self._state_vjp_parts(cache, v)
-        return torch.cat([sum(through_gates.values()), carried], dim=-1)
+        """v · J: the gates' terms on the h-columns (:meth:`_through_gates`), v_c' ⊙ f on the c-columns."""
+        v_m, v_new_c = self._covector_parts(cache, v)
+        return torch.cat([self._through_gates(cache, v_m, v_new_c, "h"), v_new_c * cache.f], dim=-1)
 
     def input_vjp(self, cache: LSTMCache, v: Tensor) -> Tensor:
-        gates, _ = self._adjoints(cache, v)
-        return sum(gates[g] @ self.weights[f"W_i{g}"] for g in GATES)
+        return self._through_gates(cache, *self._covector_parts(cache, v), "i")
+
+    def _through_gates(self, cache: LSTMCache, v_m: Tensor, v_new_c: Tensor, side: str) -> Tensor:
+        """Σ_p δ_p W_{side p} (side "h": the h-columns of v · J, "i": v · ∂s'/∂x), with δ_p = v_c' ⊙ s_p for
+        p = f, i, g and δ_o = v_m ⊙ d_o (:meth:`_gate_gains`): four products per covector with the weights, or, from
+        FORM_CELL_ROWS_FROM covectors per sequence on
+        (:func:`forms_for`), v_c' M + δ_o W_{side o} through M = Σ_{p=f,i,g} diag(s_p) W_{side p} formed once per
+        sequence."""
+        gains, w = self._gate_gains(cache), self.weights
+        if not forms_for(cache, v_new_c, FORM_CELL_ROWS_FROM):
+            return sum((v_m if g == "o" else v_new_c) * gains[g] @ w[f"W_{side}{g}"] for g in GATES)  # type: ignore[return-value]
+        cell_rows = sum(diag_times(gains[g], w[f"W_{side}{g}"]) for g in CELL_GATES)
+        return covector_product(v_new_c, cell_rows) + (v_m * gains["o"]) @ w[f"W_{side}o"]  # type: ignore[arg-type]
 
     def _cell_scales(self, cache: LSTMCache) -> dict[str, Tensor]:
         """s_p = ∂c'/∂a_p for the gates feeding the cell state: c ⊙ σ'(a_f), g ⊙ σ'(a_i), i ⊙ φ'(a_g)."""

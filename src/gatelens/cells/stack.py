@@ -177,21 +177,43 @@ class Stack(Cell):
         self._place_column(0, block, self._feeds(cache), out, slice(None))
         return out
 
-    def _layer_adjoints(self, cache: tuple[Any, ...], v: Tensor) -> list[Tensor]:
-        """Total adjoint at each layer's new state: its own part of v plus what flows down from above."""
+    def _layer_adjoints(self, cache: tuple[Any, ...], v: Tensor, skips: Sequence[int] = ()) -> list[Tensor]:
+        """Total adjoint at each layer's new state: its own part of v plus what flows down from above. ``skips``: per
+        layer, how many leading covectors v (C, ..., B, S) are known to be zero on it and on every layer above (they
+        skip its input VJP)."""
         slices = self._slices()
         adjoints: list[Tensor] = [v[..., part] for part in slices]
         for index in range(len(self.cells) - 1, 0, -1):
-            to_input = self.cells[index].input_vjp(cache[index], adjoints[index])
-            adjoints[index - 1] = adjoints[index - 1] + self.cells[index - 1].output_vjp(to_input)
+            skip = skips[index] if skips else 0
+            to_input = self.cells[index].input_vjp(cache[index], adjoints[index][skip:])
+            flowed = self.cells[index - 1].output_vjp(to_input)
+            if skip:
+                total = adjoints[index - 1].clone()
+                total[skip:] += flowed
+                adjoints[index - 1] = total
+            else:
+                adjoints[index - 1] = adjoints[index - 1] + flowed
         return adjoints
 
     def state_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
         return self._state_vjp(cache, self._layer_adjoints(cache, v))
 
-    def _state_vjp(self, cache: tuple[Any, ...], adjoints: list[Tensor]) -> Tensor:
-        """v · J from the layers' total adjoints (:meth:`_layer_adjoints`): each layer's own state VJP."""
-        return torch.cat([c.state_vjp(k, a) for c, k, a in zip(self.cells, cache, adjoints)], dim=-1)
+    def product_vjp(self, cache: tuple[Any, ...], rows: Tensor) -> Tensor:
+        """P · J for a product P of the stack's Jacobians: block lower-triangular as J is, so its rows of layer l are
+        zero on the layers above, which skip the rows of the layers below them: with two layers of equal size, the
+        upper layer's VJPs take half of the rows."""
+        skips = [part.start for part in self._slices()]
+        return self._state_vjp(cache, self._layer_adjoints(cache, rows, skips), skips)
+
+    def _state_vjp(self, cache: tuple[Any, ...], adjoints: list[Tensor], skips: Sequence[int] = ()) -> Tensor:
+        """v · J from the layers' total adjoints (:meth:`_layer_adjoints`): each layer's own state VJP, of its
+        covectors after the ``skips`` leading ones known to be zero on it."""
+        if not skips:
+            return torch.cat([c.state_vjp(k, a) for c, k, a in zip(self.cells, cache, adjoints)], dim=-1)
+        out = adjoints[0].new_zeros(*adjoints[0].shape[:-1], self.state_size)
+        for cell, layer_cache, adjoint, part, skip in zip(self.cells, cache, adjoints, self._slices(), skips):
+            out[skip:, ..., part] = cell.state_vjp(layer_cache, adjoint[skip:])
+        return out
 
     def input_vjp(self, cache: tuple[Any, ...], v: Tensor) -> Tensor:
         return self.cells[0].input_vjp(cache[0], self._layer_adjoints(cache, v)[0])

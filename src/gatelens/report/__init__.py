@@ -1,7 +1,7 @@
 """Figures (matplotlib, one function each) and the self-contained HTML report, usable from Python:
 
-    from gatelens.report import regime_map, to_png
-    regime_map(gl.regimes(trace)).savefig("regimes.png")
+from gatelens.report import regime_map, to_png
+regime_map(gl.regimes(trace)).savefig("regimes.png")
 """
 
 from gatelens.report.figures import (
