@@ -57,7 +57,7 @@ from torch import Tensor
 
 from gatelens._validation import as_float_tensor, as_lengths
 from gatelens.analysis.explain import Explanation, dataset_explanation_of
-from gatelens.analysis.local import LocalGradients, _statistics
+from gatelens.analysis.local import LocalGradients, finite_statistics
 from gatelens.analysis.lyapunov import Lyapunov
 from gatelens.analysis.pipeline import (
     STAGES,
@@ -302,7 +302,7 @@ class PooledLocalGradients:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per block and for "all": mean, median, p95 and max of the pooled values (LocalGradients.summary)."""
-        return {name: _statistics(torch.from_numpy(values)) for name, values in self.values.items()}
+        return {name: finite_statistics(torch.from_numpy(values)) for name, values in self.values.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The summary, the largest value and how many steps were pooled (the values themselves are left out)."""

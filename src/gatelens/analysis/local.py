@@ -49,7 +49,7 @@ class LocalGradients:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per block, and for ``"all"`` blocks together: mean, median, p95 and max over valid steps and sequences."""
-        return {name: _statistics(values) for name, values in {**self.norms, "all": self.total}.items()}
+        return {name: finite_statistics(values) for name, values in {**self.norms, "all": self.total}.items()}
 
     @cached_property
     def largest(self) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def local_gradients(trace: Trace, *, layer: int | None = None, direction: str | 
     return LocalGradients(recurrence=rec.name, norms=norms)
 
 
-def _statistics(values: Tensor) -> dict[str, float]:
+def finite_statistics(values: Tensor) -> dict[str, float]:
     """Mean, quantiles and max of the finite entries (padded steps are NaN)."""
     valid = values[~values.isnan()].detach().double().cpu().numpy()
     stats = {"mean": float(valid.mean())}

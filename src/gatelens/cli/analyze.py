@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from gatelens.analysis import Analysis, Settings, analyze
 from gatelens.analysis.lyapunov import DEFAULT_EXPONENTS
 from gatelens.analysis.pipeline import MAX_LAG, PROBES, STAGES
-from gatelens.cli.common import add_model_options, load_input, print_json, trace_input
+from gatelens.cli.common import add_model_options, load_input, print_json, print_outcome, trace_input
 from gatelens.cli.dataset import add_dataset_options, over_batches, run_analyze_dataset, run_explain_dataset
 from gatelens.experiments.folders import writable_folder
 from gatelens.report.findings import findings_table
@@ -95,11 +95,7 @@ def run_analyze(arguments: argparse.Namespace, console: Console) -> int:
     results = analyses.to_dict() | {"input": loaded.note}
     title = f"gatelens: {Path(arguments.checkpoint).name}"
     files = write_report_folder(out, [analyses], title=title, notes=[loaded.note], results=results)
-    if arguments.json:
-        print_json(results | {"files": [str(path) for path in files]})
-    else:
-        console.print(findings_table({"model": analyses.explanation}))
-    console.print(f"results in {out}: " + ", ".join(path.name for path in files))
+    print_outcome(console, results, analyses.explanation, files, out, as_json=arguments.json)
     return 0
 
 

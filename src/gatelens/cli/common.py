@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from gatelens._validation import as_float_tensor, check_finite, check_real
 from gatelens.io import load
 from gatelens.io.pytorch import read_torch_file
 from gatelens.model import Model
+from gatelens.report.findings import findings_table
 from gatelens.trace import Trace
 
 STATE_DICT_OPTIONS = ("nonlinearity", "reset", "update", "batch_first")  # what a PyTorch state_dict cannot tell
@@ -226,6 +228,17 @@ def _npy_dtype(path: Path) -> np.dtype | None:
             return headers[version](file)[2] if version in headers else None
     except (ValueError, OSError, EOFError):
         return None
+
+
+def print_outcome(
+    console: Console, results: dict[str, Any], explanation: Any, files: list[Path], out: Path, *, as_json: bool
+) -> None:
+    """What an analysis wrote: ``results`` and the files as JSON on stdout, or the findings as a table; then where."""
+    if as_json:
+        print_json(results | {"files": [str(path) for path in files]})
+    else:
+        console.print(findings_table({"model": explanation}))
+    console.print(f"results in {out}: " + ", ".join(path.name for path in files))
 
 
 def print_json(value: Any) -> None:

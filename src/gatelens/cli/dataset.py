@@ -14,8 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from gatelens.analysis import Settings
 from gatelens.analysis.dataset import DATASET_STAGES, DEFAULT_BATCH_SIZE, DatasetAnalysis, analyze_dataset
-from gatelens.cli.common import Input, print_json
-from gatelens.cli.sweep import _quiet_dask
+from gatelens.cli.common import Input, print_json, print_outcome
+from gatelens.cli.sweep import quiet_dask
 from gatelens.report.dataset import write_dataset_report
 from gatelens.report.findings import findings_table
 
@@ -67,11 +67,7 @@ def run_analyze_dataset(
     title = f"gatelens: {Path(arguments.checkpoint).name} on {dataset.sequences} sequences"
     notes = [given.note, _left_out(dataset)]
     files = write_dataset_report(out, dataset, results=results, title=title, notes=notes)
-    if arguments.json:
-        print_json(results | {"files": [str(path) for path in files]})
-    else:
-        console.print(findings_table({"model": dataset.explanation}))
-    console.print(f"results in {out}: " + ", ".join(path.name for path in files))
+    print_outcome(console, results, dataset.explanation, files, out, as_json=arguments.json)
     return 0
 
 
@@ -99,7 +95,7 @@ def _analyze(arguments: argparse.Namespace, console: Console, given: Input, sett
         TextColumn("remaining"),
         TimeRemainingColumn(),
     )
-    with _quiet_dask(), Progress(*columns, console=console, transient=True) as progress:
+    with quiet_dask(), Progress(*columns, console=console, transient=True) as progress:
         bars: dict[str, TaskID] = {}
 
         def advance(stage: str, done: float, total: float) -> None:

@@ -55,7 +55,7 @@ def register(commands: Any) -> None:
 def run(arguments: argparse.Namespace, console: Console) -> int:
     errors = Console(stderr=True)
     try:
-        with _quiet_dask():
+        with quiet_dask():
             result = sweep(
                 arguments.spec, out=arguments.out, scheduler=arguments.scheduler, workers=arguments.workers,
                 resume=arguments.resume, timeout=arguments.timeout, progress=True, console=errors,
@@ -102,7 +102,7 @@ def _written(arguments: argparse.Namespace) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_dask() -> Iterator[None]:
+def quiet_dask() -> Iterator[None]:
     """Dask's own log lines (workers starting, a worker lost) below CRITICAL stay out of the terminal: the progress
     line and the summary say what happened."""
     logger = logging.getLogger("distributed")

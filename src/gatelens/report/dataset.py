@@ -14,7 +14,6 @@ batches):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ from gatelens.analysis.dataset import (
     PooledRegimes,
 )
 from gatelens.analysis.regimes import REGIMES, UNIT_KINDS
-from gatelens.report.figures import KIND_COLOURS, PALETTE, REGIME_COLOURS, WIDTH, to_png
+from gatelens.report.figures import KIND_COLOURS, PALETTE, REGIME_COLOURS, WIDTH, exponent_axes, to_png
+from gatelens.report.folder import write_results_and_figures
 from gatelens.report.html import ReportFigure, write_report
 
 
@@ -39,13 +39,8 @@ def write_dataset_report(
     out: Path, dataset: DatasetAnalysis, *, results: dict[str, Any], title: str, notes: Sequence[str] = ()
 ) -> list[Path]:
     """Write ``results`` as results.json, the figures and report.html into ``out``; returns the files written."""
-    files = [out / "results.json"]
-    files[0].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     entries = dataset_figures(dataset)
-    for entry in entries:
-        path = out / f"{entry.name}.png"
-        path.write_bytes(entry.png)
-        files.append(path)
+    files = write_results_and_figures(out, results, entries)
     summary = [
         ("data set", dataset.describe()),
         ("stages", ", ".join(dataset.stages) + " (credit and blocking are per batch: not pooled)"),
@@ -202,10 +197,7 @@ def pooled_lyapunov(lyapunov: PooledLyapunov) -> Figure:
         index, lyapunov.mean.numpy(), yerr=lyapunov.stderr.numpy(), color=PALETTE[0], marker="o", capsize=3,
         label=f"mean ± s.e. over {len(lyapunov.exponents)} sequences",
     )  # fmt: skip
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("exponent j (column of the QR method)")
-    ax.set_ylabel("λ_j (nats/step)")
-    ax.set_title("Lyapunov exponents (below 0: perturbations and gradients decay)", fontsize="medium")
-    ax.legend(fontsize="small")
+    exponent_axes(
+        ax, "exponent j (column of the QR method)", "Lyapunov exponents (below 0: perturbations and gradients decay)"
+    )
     return figure

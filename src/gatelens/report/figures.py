@@ -381,14 +381,22 @@ def lyapunov_spectrum(named: Mapping[str, Lyapunov] | Lyapunov) -> Figure:
             label=label,
         )
         widest = max(widest, mean.size)
-    ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlim(0.5, widest + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("index j (exponents sorted, largest first)")
-    ax.set_ylabel("λ_j (nats/step)")
-    ax.set_title("Lyapunov spectrum (below 0: perturbations and gradients decay at that rate)", fontsize="medium")
-    ax.legend(fontsize="small")
+    exponent_axes(
+        ax, "index j (exponents sorted, largest first)",
+        "Lyapunov spectrum (below 0: perturbations and gradients decay at that rate)",
+    )  # fmt: skip
     return figure
+
+
+def exponent_axes(ax: Any, xlabel: str, title: str) -> None:
+    """The frame of a Lyapunov figure: the zero line, integer exponent indices, the labels and the legend."""
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("λ_j (nats/step)")
+    ax.set_title(title, fontsize="medium")
+    ax.legend(fontsize="small")
 
 
 def to_png(figure: Figure, dpi: float = DPI) -> bytes:

@@ -20,6 +20,17 @@ from gatelens.report import figures
 from gatelens.report.html import ReportFigure, write_report
 
 
+def write_results_and_figures(out: Path, results: dict[str, Any], entries: Sequence[ReportFigure]) -> list[Path]:
+    """Write ``results`` as results.json and each figure as NAME.png into ``out``; returns the files written."""
+    files = [out / "results.json"]
+    files[0].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    for entry in entries:
+        path = out / f"{entry.name}.png"
+        path.write_bytes(entry.png)
+        files.append(path)
+    return files
+
+
 def write_report_folder(
     out: Path,
     analyses: Sequence[Analysis],
@@ -30,13 +41,8 @@ def write_report_folder(
     notes: Sequence[str] = (),
 ) -> list[Path]:
     """Write ``results`` as results.json, the figures and report.html into ``out``; returns the files written."""
-    files = [out / "results.json"]
-    files[0].write_text(json.dumps(results, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     entries = report_figures(analyses)
-    for entry in entries:
-        path = out / f"{entry.name}.png"
-        path.write_bytes(entry.png)
-        files.append(path)
+    files = write_results_and_figures(out, results, entries)
     findings = {item.name: item.explanation for item in analyses}
     loss = {f"{item.name}: credit maps of" if len(analyses) > 1 else "credit maps of": item.loss for item in analyses}
     files.append(
