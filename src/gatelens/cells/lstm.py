@@ -107,6 +107,7 @@ class LSTM(Cell):
     gate_names = ("i", "f", "o")
     _gate: Activation = field(init=False, repr=False)
     _candidate: Activation = field(init=False, repr=False)
+    _stacked: dict[str, Tensor] = field(init=False, repr=False)  # W_i, W_h (and b_i, b_h): the gates' blocks stacked
 
     def __post_init__(self) -> None:
         self._adopt_gated_activations()
@@ -117,6 +118,9 @@ class LSTM(Cell):
         self._adopt_weights(
             required, biases, input_size=inputs, hidden_size=hidden, output_size=out, state_size=out + hidden
         )
+        blocks = [f"{kind}_{side}" for kind in ("W", "b") for side in "ih" if f"{kind}_{side}i" in self.weights]
+        stacked = {block: torch.cat([self.weights[f"{block}{g}"] for g in GATES]) for block in blocks}
+        object.__setattr__(self, "_stacked", stacked)  # one product per side instead of one per gate
 
     @staticmethod
     def block_shapes(
@@ -153,9 +157,11 @@ class LSTM(Cell):
         return ("carry", "forget", "input", "candidate", "output")
 
     def step(self, x: Tensor, state: Tensor, clamp: Clamp | None = None) -> tuple[Tensor, LSTMCache]:
-        w = self.weights
         h, c = state[..., : self.output_size], state[..., self.output_size :]
-        a = {g: affine(x, w[f"W_i{g}"], w.get(f"b_i{g}")) + affine(h, w[f"W_h{g}"], w.get(f"b_h{g}")) for g in GATES}
+        a = self._by_gate(
+            affine(x, self._stacked["W_i"], self._stacked.get("b_i"))
+            + affine(h, self._stacked["W_h"], self._stacked.get("b_h"))
+        )
         gates = {name: gate_values(self._gate, name, a[name], clamp) for name in self.gate_names}
         (i, _, di), (f, f_complement, df), (o, _, do) = gates["i"], gates["f"], gates["o"]
         g = self._candidate.function(a["g"])
@@ -267,13 +273,13 @@ class LSTM(Cell):
 
     def _through_gates(self, cache: LSTMCache, v_m: Tensor, v_new_c: Tensor, side: str) -> Tensor:
         """Σ_p δ_p W_{side p} (side "h": the h-columns of v · J, "i": v · ∂s'/∂x), with δ_p = v_c' ⊙ s_p for
-        p = f, i, g and δ_o = v_m ⊙ d_o (:meth:`_gate_gains`): four products per covector with the weights, or, from
-        FORM_CELL_ROWS_FROM covectors per sequence on
-        (:func:`forms_for`), v_c' M + δ_o W_{side o} through M = Σ_{p=f,i,g} diag(s_p) W_{side p} formed once per
-        sequence."""
+        p = f, i, g and δ_o = v_m ⊙ d_o (:meth:`_gate_gains`): one product of [δ_i, δ_f, δ_g, δ_o] with the stacked
+        blocks (4H rows) per covector, or, from FORM_CELL_ROWS_FROM covectors per sequence on (:func:`forms_for`),
+        v_c' M + δ_o W_{side o} through M = Σ_{p=f,i,g} diag(s_p) W_{side p} formed once per sequence."""
         gains, w = self._gate_gains(cache), self.weights
         if not forms_for(cache, v_new_c, FORM_CELL_ROWS_FROM):
-            return sum((v_m if g == "o" else v_new_c) * gains[g] @ w[f"W_{side}{g}"] for g in GATES)  # type: ignore[return-value]
+            adjoints = torch.cat([(v_m if g == "o" else v_new_c) * gains[g] for g in GATES], dim=-1)
+            return adjoints @ self._stacked[f"W_{side}"]
         cell_rows = sum(diag_times(gains[g], w[f"W_{side}{g}"]) for g in CELL_GATES)
         return covector_product(v_new_c, cell_rows) + (v_m * gains["o"]) @ w[f"W_{side}o"]  # type: ignore[arg-type]
 
@@ -281,13 +287,17 @@ class LSTM(Cell):
         """s_p = ∂c'/∂a_p for the gates feeding the cell state: c ⊙ σ'(a_f), g ⊙ σ'(a_i), i ⊙ φ'(a_g)."""
         return {"f": cache.c * cache.df, "i": cache.g * cache.di, "g": cache.i * cache.dg}
 
+    def _by_gate(self, stacked: Tensor) -> dict[str, Tensor]:
+        """The four gates' parts (views) of a product with the stacked blocks, (..., 4H) ↦ (..., H) each."""
+        return dict(zip(GATES, stacked.split(self.hidden_size, dim=-1)))
+
     def _new_state_tangent(self, cache: LSTMCache, v: Tensor, side: str, carried: Tensor | None) -> Tensor:
         """[ḣ', ċ'] for a tangent v of the input of the W_{side}· blocks (side "h": v_h, "i": x) and the carried part
         f ⊙ v_c of ċ' (None for x):
 
             ċ' = f ⊙ v_c + Σ_{p=f,i,g} s_p ⊙ (W_p v),     ḣ' = Π (o ⊙ φ'(c') ⊙ ċ' + φ(c') ⊙ σ'(a_o) ⊙ (W_o v))
         """
-        tangents = {gate: affine(v, self.weights[f"W_{side}{gate}"], None) for gate in GATES}
+        tangents = self._by_gate(affine(v, self._stacked[f"W_{side}"], None))
         new_c = sum(scale * tangents[gate] for gate, scale in self._cell_scales(cache).items())
         if carried is not None:
             new_c = carried + new_c
