@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.functional import pad
 
 from gatelens._validation import FLOAT64_ADVICE, as_float_tensor, check_finite, check_shape, first_non_finite
 from gatelens.analysis.norms import SAFE_RANGE, flushes_subnormals, frobenius, plain_range
@@ -177,8 +178,8 @@ class CreditMap:
             return {
                 name: _by_lag_of_one_row(row, int(loss_steps[0])) for name, row in _source_norms(rec, adjoint).items()
             }
-        sums = sweep(rec, g).lag_sums
-        return {name: frobenius(total, dims=total.dim() - 1) for name, total in sums.items()}
+        sums = sweep(rec, g).lag_sums  # the lags reached: the rest are 0
+        return {name: pad(frobenius(part, part.dim() - 1), (0, rec.steps - len(part))) for name, part in sums.items()}
 
     def _norm_rows(self, sweep: Callable[[Recurrence, Tensor], ChainSweep]) -> dict[str, tuple[Tensor, Tensor]]:
         """:attr:`norm_rows` from ``sweep``."""
@@ -482,7 +483,8 @@ def _by_lag_of_one_row(row: Tensor, step: int) -> Tensor:
 
 @dataclass(frozen=True)
 class ChainSweep:
-    """What one all-chains sweep collected: Σ_{t−k=τ} C(t, k) per lag (T, *shape); ‖C(t, k)‖_F for the loss steps t
+    """What one all-chains sweep collected: Σ_{t−k=τ} C(t, k) per lag reached (L ≤ T, *shape; the lags beyond have no
+    contribution, their chains having vanished to exactly 0); ‖C(t, k)‖_F for the loss steps t
     (rows, ``loss_steps``) and every source step k: (loss steps, T); and the summed adjoints."""
 
     lag_sums: dict[str, Tensor]
@@ -675,7 +677,7 @@ class PairSums:
         self.steps, self.chains = steps, chains
         self.want_sums, self.want_norms = lag_sums, pair_norms
         self.members: list[list[tuple[str, Tensor | None]]] = []  # each group's blocks (names, inputs)
-        self.group_sums: list[Tensor] = []  # per group: (Σ columns, T, rows)
+        self.group_sums: list[Tensor] = []  # per group: (Σ columns, lags held, rows), grown as lags are reached
         self.norms: Tensor | None = None  # (blocks, chains, T) in the order of the groups' blocks
         self.reads: Tensor | None = None  # (Σ projected rows, blocks): the rows each block sums, from the first window
 
@@ -725,7 +727,8 @@ class PairSums:
         ones = adjoint.new_ones(steps, batch, 1)
         inputs = torch.cat([ones if u is None else u for _, u in members], dim=-1).flatten(0, 1)  # U: (steps·B, Σ cols)
         if len(self.group_sums) <= index:
-            self.group_sums.append(adjoint.new_zeros(inputs.shape[-1], self.steps, rows))
+            self.group_sums.append(adjoint.new_zeros(inputs.shape[-1], 0, rows))
+        self.group_sums[index] = _with_room(self.group_sums[index], int(lags[-1]) + 1, self.steps)
         sums, layout = self.group_sums[index], adjoint.flatten(0, 1).flatten(1)  # D: (steps·B, lags·rows)
         if lags[-1] + 1 - lags[0] == count:  # consecutive lags: the product adds into a view of the sums
             sums[:, lags[0] : lags[0] + count].flatten(1).addmm_(inputs.T, layout)
@@ -735,7 +738,8 @@ class PairSums:
 
     @property
     def lag_sums(self) -> dict[str, Tensor]:
-        """The sums by block name: (T, rows, columns), or (T, rows) for a bias (views of the group sums)."""
+        """The sums by block name: (L, rows, columns), or (L, rows) for a bias (views of the group sums), for the lags
+        0..L − 1 that chains reached; the lags from L to T − 1 have no contribution."""
         sums = {}
         for group_sums, members in zip(self.group_sums, self.members):
             widths = [1 if u is None else u.shape[-1] for _, u in members]
@@ -750,6 +754,18 @@ class PairSums:
             return {}
         names = [name for members in self.members for name, _ in members]
         return dict(zip(names, self.norms))
+
+
+def _with_room(sums: Tensor, lags: int, limit: int) -> Tensor:
+    """``sums`` (columns, lags held, rows) with room for ``lags`` lags: grown by a copy to min(limit, max(lags, twice
+    those held)) where it holds fewer. A sweep whose chains vanish by lag V thus holds fewer than 2V lags, not T, and
+    copies fewer than 2V in all."""
+    held = sums.shape[1]
+    if lags <= held:
+        return sums
+    grown = sums.new_zeros(sums.shape[0], min(limit, max(lags, 2 * held)), sums.shape[2])
+    grown[:, :held] = sums
+    return grown
 
 
 def _step_major(adjoint: Tensor) -> Tensor:
