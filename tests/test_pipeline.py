@@ -258,8 +258,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 def test_a_long_many_to_one_credit_map_stays_within_its_memory_bound() -> None:
     """T = 16384, H = 128, B = 8, many-to-one: total and by_lag in a fresh process (the trace holds 0.6 GiB of gates;
-    storing by_source alone would take 6.5 GiB, and the previous code peaked at 7.8 GiB). Measured 1.24–1.81 GiB
-    from run to run on the shared machine; the goal is 1.5 GiB, which is not held in every run, so this test bounds
-    it at 2 GiB."""
+    storing by_source alone would take 6.5 GiB, and the previous code peaked at 7.8 GiB). Measured 1.22–1.26 GiB in
+    six runs, three of them beside two busy processes, since the lag profile no longer forms each step's gradient."""
     done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True)
-    assert float(done.stdout.strip().splitlines()[-1]) <= 2.0
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1.5
