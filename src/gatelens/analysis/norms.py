@@ -111,13 +111,15 @@ def plain_range(dtype: torch.dtype, entries: int) -> tuple[float, float] | None:
 
 
 def _rescaled(values: Tensor, dims: int) -> Tensor:
-    """m · ‖values / m‖ with m = max |values| over the last ``dims`` dimensions."""
+    """m · ‖values / m‖ with m = max |values| over the last ``dims`` dimensions; inf where m is inf (and no entry
+    NaN: then m is NaN, and so is the norm)."""
     if values.dim() > dims and values.shape[0] > ROWS_AT_ONCE:
         return torch.cat([_rescaled(part, dims) for part in values.split(ROWS_AT_ONCE)])
     axes = tuple(range(values.dim() - dims, values.dim()))
     largest = values.abs().amax(dim=axes, keepdim=True)
     safe = torch.where(largest > 0, largest, 1.0)
-    return torch.linalg.vector_norm(values / safe, dim=axes) * largest.reshape(values.shape[: values.dim() - dims])
+    scale = largest.reshape(values.shape[: values.dim() - dims])
+    return torch.where(scale.isinf(), scale, torch.linalg.vector_norm(values / safe, dim=axes) * scale)
 
 
 def starting_basis(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
