@@ -221,6 +221,19 @@ def test_cli_stage_options_reach_the_results(tmp_path: Path, capsys: pytest.Capt
     assert topics == {"regimes", "timescales"}
 
 
+def test_the_jacobian_figure_draws_fewer_steps_where_their_matrices_would_exceed_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trace = _trace("lstm", layers=1, steps=200, batch=2)
+    rec = trace.recurrence()
+    per_step = 2 * rec.cell.state_size**2 * (len(rec.cell.path_names) + 1)
+    monkeypatch.setattr(figures, "JACOBIAN_ELEMENTS", 20 * per_step)
+    np.testing.assert_array_equal(figures.drawn_steps(rec), np.linspace(0, 199, 20).round().astype(int))
+    monkeypatch.setattr(figures, "JACOBIAN_ELEMENTS", per_step)
+    assert len(figures.drawn_steps(rec)) == figures.JACOBIAN_STEPS_AT_LEAST
+    assert "at 8 evenly spaced steps" in figures.jacobian_figure(trace).axes[0].get_title()
+
+
 def test_the_jacobian_figure_of_a_long_trace_draws_evenly_spaced_steps() -> None:
     trace = _trace("gru", layers=1, steps=200, batch=2)
     figure = figures.jacobian_figure(trace)

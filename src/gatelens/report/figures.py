@@ -8,7 +8,8 @@ Lyapunov exponents in nats per step.
     jacobian_figure          top: ‖J_t‖₂ = σ_max(∂h_t/∂h_{t−1}) per step, the median over the sequences and the band
                              between their 10th and 90th percentiles (padded steps left out); bottom: each path's
                              share ‖P_p‖_F / Σ_q ‖P_q‖_F of J_t = Σ_p P_p, the mean over the sequences, stacked; at
-                             every step, or at JACOBIAN_STEPS evenly spaced steps of a longer trace
+                             every step, or at JACOBIAN_STEPS evenly spaced steps of a longer trace (fewer, at least
+                             8, where their matrices would exceed JACOBIAN_ELEMENTS entries; the title says so)
     credit_heatmap           ‖C(t, k)‖_F, C(t, k) = g_t J_t ⋯ J_{k+1} ∂⁺h_k/∂θ, loss step t (rows) × source step k
                              (columns), one panel per weight block on one log colour scale spanning at most
                              DYNAMIC_RANGE; zero entries (every k > t among them) are left blank
@@ -63,6 +64,8 @@ DYNAMIC_RANGE = 1e10  # a credit heatmap's colours span at most this ratio; smal
 LABELLED_UNITS = 48  # up to this many units, the unit axes name every unit
 CHUNK_ELEMENTS = 1 << 24  # elements of Jacobian paths formed at once (64 MiB in float32)
 JACOBIAN_STEPS = 64  # steps of a longer trace at which jacobian_figure forms the Jacobians, evenly spaced
+JACOBIAN_ELEMENTS = 1 << 31  # entries of Jacobians and paths it forms in all, at most (fewer steps for large states)
+JACOBIAN_STEPS_AT_LEAST = 8
 ZERO_PRODUCT = -1e300  # ln‖∂h_t/∂h_(t−ℓ)‖₂ of an exactly zero product (−inf), for the propagation quantiles
 
 PALETTE = [*matplotlib.colormaps["tab20"].colors[0::2], *matplotlib.colormaps["tab20"].colors[1::2]]
@@ -82,12 +85,14 @@ def jacobian_figure(trace: Trace, *, layer: int | None = None, direction: str | 
     The share of path p at step t is ‖P_p‖_F / Σ_q ‖P_q‖_F (J_t = Σ_p P_p), averaged over the sequences. Padded
     steps (past a sequence's end) are left out of both panels, and steps whose Jacobian is 0 out of the shares.
     layer/direction choose the recurrence as in :meth:`Trace.recurrence`. On a trace longer than JACOBIAN_STEPS, the
-    Jacobians of that many evenly spaced steps are drawn (forming all T would cost T · B · S² memory traffic and an
-    S × S spectral norm each); ‖J_t‖₂ comes from :func:`~gatelens.analysis.norms.spectral_norm` (1e-6 relative).
+    Jacobians of that many evenly spaced steps are drawn, fewer for a large state (:func:`drawn_steps`): forming all
+    T would cost T · B · S² memory traffic and an S × S spectral norm each. ‖J_t‖₂ comes from
+    :func:`~gatelens.analysis.norms.spectral_norm` (1e-6 relative), each sequence starting from its basis of the
+    step drawn before.
     """
     _require(trace, Trace, "jacobian_figure", "a Trace (from model.trace(x))")
     rec = trace.recurrence(layer, direction)
-    drawn = np.unique(np.linspace(0, rec.steps - 1, min(rec.steps, JACOBIAN_STEPS)).round().astype(int))
+    drawn = drawn_steps(rec)
     norms, shares = _jacobian_norms(rec, drawn)
     steps = drawn + 1
     figure = Figure(figsize=(WIDTH, 6.0), layout="constrained")
@@ -99,7 +104,8 @@ def jacobian_figure(trace: Trace, *, layer: int | None = None, direction: str | 
     top.axhline(1.0, color="black", linewidth=0.8, linestyle=":", label="‖J_t‖₂ = 1")
     _log_scale(top, "y", norms)
     top.set_ylabel("‖∂h_t/∂h_(t−1)‖₂")
-    top.set_title(f"Step Jacobians of {rec.name}: spectral norm (below 1, the step shrinks every gradient)")
+    at = f", at {len(drawn)} evenly spaced steps" if len(drawn) < rec.steps else ""
+    top.set_title(f"Step Jacobians of {rec.name}{at}: spectral norm (below 1, the step shrinks every gradient)")
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
 
     names = list(shares)
@@ -413,6 +419,16 @@ def to_png(figure: Figure, dpi: float = DPI) -> bytes:
 # What the figures compute.
 
 
+def drawn_steps(rec: Recurrence) -> np.ndarray:
+    """The steps :func:`jacobian_figure` forms: all, or JACOBIAN_STEPS evenly spaced ones, fewer (at least
+    JACOBIAN_STEPS_AT_LEAST) where the Jacobians and paths of that many, B · S² · (paths + 1) entries each, would
+    exceed JACOBIAN_ELEMENTS: 11 steps for a 2-layer LSTM with H = 256 and B = 16, 64 for the GRU of that size."""
+    batch, size = rec.states.shape[1:]
+    per_step = batch * size * size * (len(rec.cell.path_names) + 1)
+    count = min(rec.steps, max(JACOBIAN_STEPS_AT_LEAST, min(JACOBIAN_STEPS, JACOBIAN_ELEMENTS // per_step)))
+    return np.unique(np.linspace(0, rec.steps - 1, count).round().astype(int))
+
+
 def _jacobian_norms(rec: Recurrence, drawn: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """‖J_t‖₂ (steps, B) and each path's share ‖P_p‖_F / Σ_q ‖P_q‖_F (steps, B) at the step indices ``drawn``,
     float64; NaN on padded steps, and the shares also where J_t = 0. A chunk of steps at a time, so the paths of
@@ -420,11 +436,13 @@ def _jacobian_norms(rec: Recurrence, drawn: np.ndarray) -> tuple[np.ndarray, dic
     batch, size = rec.states.shape[1:]
     names = rec.cell.path_names
     chunk = max(1, CHUNK_ELEMENTS // (batch * size * size * (len(names) + 2)))
-    start = starting_basis(size, rec.states.dtype, rec.states.device)
+    basis = starting_basis(size, rec.states.dtype, rec.states.device)
     norms, flows = [], []
     for first in range(0, len(drawn), chunk):
         window = torch.as_tensor(drawn[first : first + chunk])
-        norms.append(spectral_norm(rec.jacobians(steps=window), start)[0])
+        norm, reached = spectral_norm(rec.jacobians(steps=window), basis)
+        basis = reached[-1]  # each sequence's next steps start from its last one's basis: their J are alike
+        norms.append(norm)
         paths = rec.jacobian_paths(steps=window)  # its "padding" path is not read: padded steps are left out
         flows.append(torch.stack([torch.linalg.matrix_norm(paths[name]) for name in names]))  # (P, C, B)
     norm, flow = _numpy(torch.cat(norms)), _numpy(torch.cat(flows, dim=1))
