@@ -126,15 +126,19 @@ class Regimes:
     def to_dict(self, per_step: bool = False) -> dict[str, Any]:
         """Census and per-unit statistics, ready for JSON (an infinite timescale becomes None); with
         ``per_step=True`` also the regime codes and the memory gates of every step, (T, B, U) each."""
-        steps = {"codes": self.codes.tolist()} | {
-            name: json_list(getattr(self, name)) for name in ("carry", "admit", "gate")
-        }
-        return (steps if per_step else {}) | {
+        summary = {
             "recurrence": self.recurrence,
             "thresholds": list(self.thresholds),
             "census": dict(zip(REGIMES, self.census.tolist())),
             "units": unit_summaries(self),
         }
+        if not per_step:  # the per-step arrays are formed only when asked for (3 × T·B·U values)
+            return summary
+        return (
+            {"codes": self.codes.tolist()}
+            | {name: json_list(getattr(self, name)) for name in ("carry", "admit", "gate")}
+            | summary
+        )
 
 
 def regimes(
