@@ -341,14 +341,19 @@ class PooledLyapunov:
         )
 
     @cached_property
+    def _over_sequences(self) -> tuple[Tensor, Tensor]:
+        """(mean_j, sd_j / √n_j) over the sequences where λ_j is finite, (k,) each."""
+        return _mean_and_stderr(self.exponents)
+
+    @property
     def mean(self) -> Tensor:
         """mean_j over the sequences where λ_j is finite, (k,)."""
-        return _mean_and_stderr(self.exponents)[0]
+        return self._over_sequences[0]
 
-    @cached_property
+    @property
     def stderr(self) -> Tensor:
         """sd_j / √n_j over the sequences where λ_j is finite, (k,); NaN with fewer than two."""
-        return _mean_and_stderr(self.exponents)[1]
+        return self._over_sequences[1]
 
     @cached_property
     def negative_infinite(self) -> Tensor:
@@ -362,14 +367,19 @@ class PooledLyapunov:
         return torch.stack([_mean_and_stderr(self.exponents[a:b])[0] for a, b in zip(edges, edges[1:])])
 
     @cached_property
+    def _over_batches(self) -> tuple[Tensor, Tensor]:
+        """((1/m) Σ_i μ_ij, sd_i(μ_ij) / √m) over the batches with a finite μ_ij, (k,) each."""
+        return _mean_and_stderr(self.batch_means)
+
+    @property
     def batch_mean(self) -> Tensor:
         """(1/m) Σ_i μ_ij over the batches with a finite μ_ij, (k,)."""
-        return _mean_and_stderr(self.batch_means)[0]
+        return self._over_batches[0]
 
-    @cached_property
+    @property
     def batch_stderr(self) -> Tensor:
         """sd_i(μ_ij) / √m over those batches, (k,); NaN with fewer than two."""
-        return _mean_and_stderr(self.batch_means)[1]
+        return self._over_batches[1]
 
     def to_dict(self) -> dict[str, Any]:
         """Means and standard errors over sequences and over batches, the −inf counts, and λ₁ (the first
