@@ -208,10 +208,10 @@ class Stack(Cell):
     def _state_vjp(self, cache: tuple[Any, ...], adjoints: list[Tensor], skips: Sequence[int] = ()) -> Tensor:
         """v · J from the layers' total adjoints (:meth:`_layer_adjoints`): each layer's own state VJP, of its
         covectors after the ``skips`` leading ones known to be zero on it."""
-        if not skips:
-            return torch.cat([c.state_vjp(k, a) for c, k, a in zip(self.cells, cache, adjoints)], dim=-1)
-        out = adjoints[0].new_zeros(*adjoints[0].shape[:-1], self.state_size)
+        out = adjoints[0].new_empty(*adjoints[0].shape[:-1], self.state_size)
+        skips = skips or [0] * len(self.cells)
         for cell, layer_cache, adjoint, part, skip in zip(self.cells, cache, adjoints, self._slices(), skips):
+            out[:skip, ..., part] = 0
             out[skip:, ..., part] = cell.state_vjp(layer_cache, adjoint[skip:])
         return out
 
